@@ -1,0 +1,19 @@
+"""Shared fixtures: the tiny pipeline is built once per session, offline."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Folder holding the tiny pipeline in the hub layout (python -m innercontrol.tiny)."""
+    from innercontrol.tiny import write_tiny
+
+    return write_tiny(tmp_path_factory.mktemp("tiny"))
