@@ -1,0 +1,254 @@
+"""Control-prediction probes: the aggregation network H(features, t) of DESIGN section 2.
+
+Each tapped decoder map goes through a timestep-conditioned bottleneck block to `projection_dim`
+channels at the largest feature resolution; a softmax-normalised learnable weight per layer mixes the blocks; a small conv head with a
+Tanh gives a 3-channel map in [-1, 1] at the largest feature resolution.
+
+    probe = load_probe("checkpoints/probes/depth")          # our folder (safetensors + JSON)
+    probe = load_probe("readout_depth.pt")                   # published {"config", "aggregation_network"}
+    pred = probe(features, time_embedding)                   # (B, 3, h, w) in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIG_NAME = "probe_config.json"
+WEIGHTS_NAME = "probe.safetensors"
+
+
+class ProbeLoadError(ValueError):
+    """A probe checkpoint that cannot be read or does not fit."""
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    # 32 groups as in the published probes; fewer when a tiny width is not divisible by 32.
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def resize(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize; computed in float32, whose backward is much faster than bf16/fp16's on CUDA."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=False).to(x.dtype)
+
+
+class NormedConv2d(nn.Conv2d):
+    """Bias-free convolution followed by GroupNorm (state-dict keys `weight`, `norm.weight`, `norm.bias`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.norm = _group_norm(out_channels)
+
+    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        """conv, optional bilinear resize to `size`, GroupNorm. Resizing after a 1x1 conv equals resizing
+        before it (both are linear, bilinear weights sum to 1) and touches C_out instead of C_in channels."""
+        x = super().forward(x)
+        return self.norm(x if size is None else resize(x, size))
+
+
+class BottleneckBlock(nn.Module):
+    """C_l -> P bottleneck with the UNet time embedding added after the first convolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, embedding_dim: int | None):
+        super().__init__()
+        hidden = out_channels // 4
+        self.conv1 = NormedConv2d(in_channels, hidden, 1)
+        self.conv2 = NormedConv2d(hidden, hidden, 3)
+        self.conv3 = NormedConv2d(hidden, out_channels, 1)
+        self.shortcut = NormedConv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.emb_layers = nn.Linear(embedding_dim, hidden) if embedding_dim else None
+
+    def forward(self, x: torch.Tensor, time_embedding: torch.Tensor | None, size=None) -> torch.Tensor:
+        """x at its own resolution; the block's output is at `size` (default: x's).
+
+        Same result as resizing x first, since conv1 and the shortcut are 1x1 convolutions."""
+        size = tuple(x.shape[-2:]) if size is None else tuple(size)
+        h = F.relu(self.conv1(x, size))
+        if self.emb_layers is not None:
+            h = h + F.relu(self.emb_layers(time_embedding))[:, :, None, None]
+        h = F.relu(self.conv2(h))
+        h = self.conv3(h)
+        skip = resize(x, size) if self.shortcut is None else self.shortcut(x, size)
+        return F.relu(h + skip)
+
+
+class _SequentialBlock(nn.Sequential):
+    """Published `bottleneck_sequential=True` layout (keys `bottleneck_layers.N.0.*`); ignores t."""
+
+    def forward(self, x: torch.Tensor, time_embedding: torch.Tensor | None = None, size=None) -> torch.Tensor:
+        return self[0](x, None, size)
+
+
+@dataclass
+class ProbeConfig:
+    feature_dims: list[int]
+    projection_dim: int = 384
+    timestep_embedding_dim: int = 1280
+    output_channels: int = 3
+    timestep_conditioned: bool = True
+    # Provenance (not needed to build the network).
+    tap: str | None = None
+    condition: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class ControlProbe(nn.Module):
+    """Aggregation network: list of tapped maps + UNet time embedding -> control prediction in [-1, 1]."""
+
+    def __init__(self, config: ProbeConfig):
+        super().__init__()
+        self.config = config
+        embedding_dim = config.timestep_embedding_dim if config.timestep_conditioned else None
+        blocks = [BottleneckBlock(dim, config.projection_dim, embedding_dim) for dim in config.feature_dims]
+        if not config.timestep_conditioned:
+            blocks = [_SequentialBlock(block) for block in blocks]
+        self.bottleneck_layers = nn.ModuleList(blocks)
+        self.mixing_weights = nn.Parameter(torch.ones(len(config.feature_dims)))
+        self.output_head = nn.Sequential(
+            nn.Conv2d(config.projection_dim, 128, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(128, 32, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(32, config.output_channels, 1),
+            nn.Tanh(),
+        )
+
+    def check_features(self, features: list[torch.Tensor]) -> None:
+        found = [f.shape[1] for f in features]
+        if found != list(self.config.feature_dims):
+            raise ProbeLoadError(
+                f"probe expects {len(self.config.feature_dims)} tapped maps with channels {list(self.config.feature_dims)}, "
+                f"found {len(found)} with channels {found}: the probe was trained for another UNet or tap mode "
+                f"(probe tap: {self.config.tap}); set model.tap to match or use a probe trained for this model"
+            )
+
+    def forward(self, features: list[torch.Tensor], time_embedding: torch.Tensor) -> torch.Tensor:
+        self.check_features(features)
+        size = max((f.shape[-2:] for f in features), key=lambda hw: hw[0] * hw[1])
+        weights = torch.softmax(self.mixing_weights, dim=0)
+        dtype = self.mixing_weights.dtype
+        time_embedding = time_embedding.to(dtype)
+        mixed = 0
+        for weight, block, feature in zip(weights, self.bottleneck_layers, features):
+            mixed = mixed + weight * block(feature.to(dtype), time_embedding, size)
+        return self.output_head(mixed)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write probe.safetensors + probe_config.json (temp names, then renamed)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, folder / (WEIGHTS_NAME + ".tmp"))
+        (folder / (CONFIG_NAME + ".tmp")).write_text(json.dumps(asdict(self.config), indent=2))
+        (folder / (WEIGHTS_NAME + ".tmp")).replace(folder / WEIGHTS_NAME)
+        (folder / (CONFIG_NAME + ".tmp")).replace(folder / CONFIG_NAME)
+        return folder
+
+
+def load_probe(path: str | Path, trust_pickle: bool = False, map_location: str = "cpu") -> ControlProbe:
+    """Load our folder format or a published `.pt` file (strict key match); the probe is in eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        probe = _load_folder(path)
+    elif path.is_file():
+        probe = _load_published(path, trust_pickle, map_location)
+    else:
+        raise ProbeLoadError(
+            f"probe '{path}' does not exist: train one with train/train_probes.sh CONDITION "
+            f"or pass a published .pt file as probe.path"
+        )
+    return probe.eval()
+
+
+def _load_folder(folder: Path) -> ControlProbe:
+    from safetensors.torch import load_file
+
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for needed in (config_file, weights_file):
+        if not needed.is_file():
+            raise ProbeLoadError(
+                f"probe folder '{folder}' lacks {needed.name} (written by ControlProbe.save_pretrained)"
+            )
+    config = ProbeConfig(**json.loads(config_file.read_text()))
+    probe = ControlProbe(config)
+    _load_strict(probe, load_file(weights_file), weights_file)
+    return probe
+
+
+def _load_published(file: Path, trust_pickle: bool, map_location: str) -> ControlProbe:
+    try:
+        checkpoint = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:
+        if not trust_pickle:
+            raise ProbeLoadError(
+                f"'{file}' cannot be read with torch.load(weights_only=True) ({type(err).__name__}): it needs full "
+                f"unpickling, which runs code from the file. If you trust it, pass probe.trust_pickle=true "
+                f"(load_probe(..., trust_pickle=True))"
+            ) from None
+        checkpoint = torch.load(file, map_location=map_location, weights_only=False)
+    if not isinstance(checkpoint, dict) or "aggregation_network" not in checkpoint or "config" not in checkpoint:
+        found = list(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ProbeLoadError(
+            f"'{file}' is not a probe checkpoint: expected a dict with 'config' and 'aggregation_network' "
+            f"(Readout Guidance / InnerControl format), found {found}"
+        )
+    state, published = checkpoint["aggregation_network"], checkpoint["config"]
+    kwargs = published.get("aggregation_kwargs", {}) or {}
+    sequential = bool(kwargs.get("bottleneck_sequential", False)) or any(
+        k.startswith("bottleneck_layers.0.0.") for k in state
+    )
+    if sequential:
+        warnings.warn(
+            f"probe '{file}' was saved with bottleneck_sequential=True: its blocks ignore the timestep", stacklevel=2
+        )
+    embedding_key = "bottleneck_layers.0.emb_layers.weight"
+    config = ProbeConfig(
+        feature_dims=[int(d) for d in published["dims"]],
+        projection_dim=int(published["projection_dim"]),
+        timestep_embedding_dim=int(state[embedding_key].shape[1]) if embedding_key in state else 1280,
+        output_channels=int(kwargs.get("output_head_channels", 3)),
+        timestep_conditioned=not sequential,
+        extra={k: published[k] for k in ("save_timestep", "num_timesteps") if k in published},
+    )
+    probe = ControlProbe(config)
+    _load_strict(probe, state, file)
+    return probe
+
+
+def _load_strict(probe: ControlProbe, state: dict[str, torch.Tensor], source: Path) -> None:
+    expected = probe.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong:
+            parts.append(f"shape mismatches {wrong[:5]}{' ...' if len(wrong) > 5 else ''}")
+        raise ProbeLoadError(f"probe checkpoint '{source}' does not match its config: " + "; ".join(parts))
+    probe.load_state_dict(state, strict=True)
+
+
+def build_probe(
+    feature_dims: list[int], projection_dim: int, timestep_embedding_dim: int, **provenance
+) -> ControlProbe:
+    """A fresh probe for the given tapped channels (probe pretraining starts here)."""
+    return ControlProbe(ProbeConfig(list(feature_dims), projection_dim, timestep_embedding_dim, **provenance))

@@ -1,0 +1,41 @@
+"""Small building blocks shared by the tests (tiny models come from innercontrol.tiny)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class IdentityNormCondition:
+    """Stand-in condition with identity normalisations, for checking loss arithmetic by hand."""
+
+    name = "identity"
+
+    def __init__(self, model: nn.Module | None = None):
+        self.model = model
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images if self.model is None else self.model(images)
+
+    def normalize_probe_output(self, prediction: torch.Tensor) -> torch.Tensor:
+        return prediction
+
+    def normalize_label(self, control: torch.Tensor) -> torch.Tensor:
+        return control
+
+
+def frozen_conv_condition(seed: int = 0) -> IdentityNormCondition:
+    """A frozen differentiable 'condition model': RGB in [0,1] -> 3-channel map in [0,1]."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Sigmoid()).requires_grad_(False).eval()
+    return IdentityNormCondition(net)
+
+
+def load_tiny_components(tiny_dir):
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    controlnet = ControlNetModel.from_pretrained(tiny_dir, subfolder="controlnet")
+    vae = AutoencoderKL.from_pretrained(tiny_dir, subfolder="vae")
+    scheduler = DDPMScheduler.from_pretrained(tiny_dir, subfolder="scheduler")
+    return unet, controlnet, vae, scheduler

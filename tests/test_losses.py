@@ -1,0 +1,229 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from innercontrol.controlled_unet import ControlledUNet
+from innercontrol.losses import (
+    LossWeights,
+    alignment_loss,
+    diffusion_loss,
+    diffusion_target,
+    in_window,
+    innercontrol_objective,
+    predict_x0,
+    reward_loss,
+)
+from innercontrol.probes import build_probe
+
+from .helpers import IdentityNormCondition, frozen_conv_condition, load_tiny_components
+
+
+class CountingVAE(nn.Module):
+    """Decoder stand-in: latents (B,4,h,w) -> image (B,3,2h,2w) in [-1,1]; records decoded batch sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("C", (), {"scaling_factor": 0.5})()
+        self.decoded = []
+
+    @property
+    def dtype(self):
+        return torch.float32
+
+    def decode(self, latents, return_dict=False):
+        self.decoded.append(latents.shape[0])
+        image = torch.tanh(latents[:, :3]).repeat_interleave(2, -1).repeat_interleave(2, -2)
+        return (image,)
+
+
+def test_in_window_is_inclusive():
+    t = torch.tensor([0, 200, 201, 400, 999])
+    assert in_window(t, (0, 200)).tolist() == [True, True, False, False, False]
+    assert in_window(t, (200, 400)).tolist() == [False, True, True, True, False]
+
+
+def test_diffusion_loss_and_targets_by_hand():
+    pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    target = torch.tensor([[0.0, 2.0], [1.0, 0.0]])
+    assert diffusion_loss(pred, target).item() == pytest.approx((1 + 0 + 4 + 16) / 4)
+    from diffusers import DDPMScheduler
+
+    eps = DDPMScheduler(num_train_timesteps=1000)
+    v = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    x0, noise, t = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.tensor([3, 900])
+    assert torch.equal(diffusion_target(eps, x0, noise, t), noise)
+    a = v.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(diffusion_target(v, x0, noise, t), a.sqrt() * noise - (1 - a).sqrt() * x0, atol=1e-6)
+
+
+def test_predict_x0_inverts_the_forward_process():
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    x0, eps, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0, 500, 999])
+    a = alphas[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    assert torch.allclose(predict_x0(x_t, eps, t, alphas), x0, atol=1e-4)
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    assert torch.allclose(predict_x0(x_t, v, t, alphas, "v_prediction"), x0, atol=1e-5)
+
+
+def _reward_case(timesteps):
+    torch.manual_seed(0)
+    b = len(timesteps)
+    return dict(
+        noisy_latents=torch.randn(b, 4, 4, 4),
+        model_pred=torch.randn(b, 4, 4, 4),
+        timesteps=torch.tensor(timesteps),
+        control=torch.rand(b, 3, 8, 8),
+        alphas_cumprod=torch.linspace(0.999, 0.01, 1000),
+    )
+
+
+def test_reward_loss_by_hand_and_subset_equals_whole_batch():
+    case = _reward_case([50, 600, 150, 999])
+    condition = IdentityNormCondition()
+    vae = CountingVAE()
+    loss, count = reward_loss(vae=vae, condition=condition, window=(0, 200), **case)
+    assert count == 2 and vae.decoded == [2]
+    # By hand: x0 from eps, decode, identity condition, per-sample MSE, mean over samples 0 and 2.
+    a = case["alphas_cumprod"][case["timesteps"]].view(-1, 1, 1, 1)
+    x0 = (case["noisy_latents"] - (1 - a).sqrt() * case["model_pred"]) / a.sqrt()
+    image = (torch.tanh(x0[:, :3] / 0.5).repeat_interleave(2, -1).repeat_interleave(2, -2) / 2 + 0.5).clamp(0, 1)
+    per_sample = ((image - case["control"]) ** 2).flatten(1).mean(1).numpy()
+    assert loss.item() == pytest.approx(float(np.mean(per_sample[[0, 2]])), rel=1e-5)
+    whole, whole_count = reward_loss(vae=vae, condition=condition, window=(0, 200), subset=False, **case)
+    assert vae.decoded == [2, 4] and whole_count == 2
+    assert torch.allclose(loss, whole, rtol=1e-6)
+
+
+def test_reward_with_no_in_window_sample_costs_no_decode():
+    case = _reward_case([500, 900])
+    vae, calls = CountingVAE(), []
+    condition = IdentityNormCondition(lambda x: calls.append(x) or x)
+    loss, count = reward_loss(vae=vae, condition=condition, window=(0, 200), **case)
+    assert count == 0 and loss.item() == 0.0
+    assert vae.decoded == [] and calls == []
+
+
+class FixedProbe:
+    """Probe stand-in returning a given map for the samples it is asked about (records batch sizes)."""
+
+    def __init__(self, maps):
+        self.maps, self.calls = maps, []
+
+    def __call__(self, features, time_embedding):
+        self.calls.append(features[0].shape[0])
+        index = features[0][:, 0, 0, 0].long()  # the tests store the sample index in the first feature
+        return self.maps[index]
+
+
+def test_alignment_loss_by_hand_with_resize_and_window():
+    torch.manual_seed(0)
+    b = 3
+    maps = torch.rand(b, 3, 4, 4) * 2 - 1
+    features = [torch.arange(b).float().view(b, 1, 1, 1).expand(b, 2, 4, 4).clone()]
+    control = torch.rand(b, 3, 8, 8)
+    probe = FixedProbe(maps)
+    loss, count = alignment_loss(
+        probe, features, torch.zeros(b, 4), control, torch.tensor([100, 950, 920]), IdentityNormCondition(), (0, 920)
+    )
+    assert count == 2 and probe.calls == [2]
+    upsampled = torch.nn.functional.interpolate((maps + 1) / 2, size=(8, 8), mode="bilinear", align_corners=False)
+    per_sample = ((upsampled - control) ** 2).flatten(1).mean(1)
+    assert loss.item() == pytest.approx(((per_sample[0] + per_sample[2]) / 2).item(), rel=1e-6)
+    none, zero = alignment_loss(
+        probe, features, torch.zeros(b, 4), control, torch.tensor([950, 999, 921]), IdentityNormCondition(), (0, 920)
+    )
+    assert zero == 0 and none.item() == 0 and probe.calls == [2]
+
+
+def _training_setup(tiny_dir):
+    from transformers import CLIPTextModel
+
+    from innercontrol.controlled_unet import tapped_channels
+    from innercontrol.tiny import tiny_tokenizer
+
+    unet, controlnet, vae, scheduler = load_tiny_components(tiny_dir)
+    text_encoder = CLIPTextModel.from_pretrained(tiny_dir, subfolder="text_encoder")
+    for frozen in (unet, vae, text_encoder):
+        frozen.requires_grad_(False)
+    torch.manual_seed(0)
+    probe = build_probe(tapped_channels(unet, "attn"), 32, 64).requires_grad_(False).eval()
+    condition = frozen_conv_condition()
+    ids = tiny_tokenizer()(["a red circle", "a blue square"], padding="max_length", return_tensors="pt").input_ids
+    return ControlledUNet(unet, controlnet, "attn"), vae, text_encoder, scheduler, probe, condition, ids
+
+
+def _step_inputs(vae, scheduler):
+    torch.manual_seed(1)
+    images = torch.rand(2, 3, 128, 128) * 2 - 1
+    control = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    timesteps = torch.tensor([120, 600])
+    return latents, noise, timesteps, control
+
+
+def test_gradient_contract_only_controlnet_learns(tiny_dir):
+    model, vae, text_encoder, scheduler, probe, condition, ids = _training_setup(tiny_dir)
+    frozen = {
+        "unet": model.unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "probe": probe,
+        "condition": condition.model,
+    }
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in frozen.items()}
+    controlnet_before = {k: v.clone() for k, v in model.controlnet.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.controlnet.parameters(), lr=1e-3)
+    latents, noise, timesteps, control = _step_inputs(vae, scheduler)
+    with torch.no_grad():
+        text = text_encoder(ids)[0]
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    out = model(noisy, timesteps, text, control)
+    weights = LossWeights(0.5, (0, 400), 1.0, (0, 920))
+    terms = innercontrol_objective(
+        out,
+        diffusion_target(scheduler, latents, noise, timesteps),
+        noisy,
+        timesteps,
+        control,
+        weights,
+        scheduler,
+        vae,
+        condition,
+        probe,
+    )
+    assert terms["reward_samples"].item() == 1 and terms["alignment_samples"].item() == 2
+    expected = terms["diffusion"] + 0.5 * terms["reward"] + 1.0 * terms["alignment"]
+    assert torch.allclose(terms["loss"], expected)
+    terms["loss"].backward()
+    for name, module in frozen.items():
+        assert all(p.grad is None for p in module.parameters()), f"{name} received a gradient"
+    assert all(p.grad is not None for p in model.controlnet.parameters() if p.requires_grad)
+    optimizer.step()
+    for name, module in frozen.items():
+        after = module.state_dict()
+        assert all(torch.equal(before[name][k], after[k]) for k in after), f"{name} changed"
+    changed = [not torch.equal(controlnet_before[k], v) for k, v in model.controlnet.state_dict().items()]
+    assert any(changed)
+
+
+@pytest.mark.parametrize("term", ["alignment", "reward"])
+def test_each_window_term_alone_sends_gradient_to_controlnet(tiny_dir, term):
+    model, vae, text_encoder, scheduler, probe, condition, ids = _training_setup(tiny_dir)
+    latents, noise, timesteps, control = _step_inputs(vae, scheduler)
+    with torch.no_grad():
+        text = text_encoder(ids)[0]
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    out = model(noisy, timesteps, text, control)
+    if term == "alignment":
+        loss, _ = alignment_loss(probe, out.features, out.time_embedding, control, timesteps, condition, (0, 920))
+    else:
+        loss, _ = reward_loss(
+            noisy, out.noise_pred, timesteps, control, vae, condition, scheduler.alphas_cumprod, (0, 400)
+        )
+    loss.backward()
+    grad = sum(p.grad.abs().sum() for p in model.controlnet.parameters() if p.grad is not None)
+    assert torch.isfinite(grad) and grad > 0
