@@ -169,6 +169,31 @@ def build_tiny_clip():
     return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+def build_tiny_dpt():
+    """A tiny DPTForDepthEstimation (32 px input) with its DPTImageProcessor, for depth-condition tests."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        # The default 0.02 gives depths of ~1e-9 (mostly clipped by the head's ReLU); 0.1 gives ~0.1 and a gradient.
+        initializer_range=0.1,
+    )
+    torch.manual_seed(5)
+    model = DPTForDepthEstimation(config)
+    processor = DPTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3, keep_aspect_ratio=False
+    )
+    return model, processor
+
+
 def write_tiny(out: str | os.PathLike) -> Path:
     """Write the tiny pipeline to `out` (hub layout) and the tiny CLIP to `out/clip`; returns `out`."""
     out = Path(out)
@@ -176,6 +201,8 @@ def write_tiny(out: str | os.PathLike) -> Path:
     model, processor = build_tiny_clip()
     model.save_pretrained(out / "clip", safe_serialization=True)
     processor.save_pretrained(out / "clip")
+    for part in build_tiny_dpt():
+        part.save_pretrained(out / "dpt")
     return out
 
 

@@ -1,0 +1,173 @@
+"""Control maps for a folder of images, computed with a registered condition model.
+
+    python -m innercontrol.annotate --condition hed --input data/images --output data/hed --device cuda
+    python -m innercontrol.annotate --condition depth --input data/images --output data/depth --model DIR
+    python -m innercontrol.annotate --condition canny --input data/images --output data/canny --resolution 64 --device cpu
+
+Every image under --input (png, jpg, jpeg, webp; subfolders kept) becomes OUTPUT/<same relative path>.png: grayscale
+when the map's three channels agree (all built-in conditions), RGB otherwise. Outputs that exist are skipped, so an
+interrupted run resumes where it stopped; each PNG is written under a temporary name and renamed into place, so a
+half-written file is never mistaken for a finished one. Unreadable images are skipped and listed at the end.
+
+Input is a folder for now: datasets (hub ids, parquet, save_to_disk folders) will come through innercontrol.data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass
+class AnnotateResult:
+    written: list[str] = field(default_factory=list)
+    already_done: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+
+def find_images(input_dir: Path, exclude: Optional[Path] = None) -> list[Path]:
+    """Image files under input_dir, sorted; files under `exclude` (an output folder inside the input) are left out."""
+    found = []
+    for path in sorted(input_dir.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+            continue
+        if exclude is not None and exclude in path.parents:
+            continue
+        found.append(path)
+    return found
+
+
+def load_image(path: Path, resolution: int) -> Optional[torch.Tensor]:
+    """(3,H,W) float in [0,1], resized to resolution x resolution (bicubic, aspect not kept) unless 0; None if unreadable."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if resolution:
+                image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+            array = np.asarray(image, dtype=np.float32) / 255.0
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def save_map(control: torch.Tensor, path: Path) -> None:
+    """Write a (3,H,W) map in [0,1] as an 8-bit PNG, atomically (temporary name, then os.replace)."""
+    pixels = (control.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    if torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[0], pixels[2]):
+        image = Image.fromarray(pixels[0].numpy(), mode="L")
+    else:
+        image = Image.fromarray(pixels.permute(1, 2, 0).numpy(), mode="RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(temporary, format="PNG")
+    os.replace(temporary, path)
+
+
+@torch.inference_mode()
+def annotate_folder(
+    condition, input_dir: Path, output_dir: Path, batch_size: int = 8, resolution: int = 512, device: str = "cpu"
+) -> AnnotateResult:
+    """Compute condition(image) for every image under input_dir that has no output yet."""
+    from tqdm import tqdm
+
+    result = AnnotateResult()
+    images = find_images(
+        input_dir, exclude=output_dir.resolve() if output_dir.resolve() != input_dir.resolve() else None
+    )
+    targets = {path: output_dir / path.relative_to(input_dir).with_suffix(".png") for path in images}
+    clashes = _clashing_outputs(targets)
+    if clashes:
+        raise ValueError(f"these inputs would write the same output (rename one of each): {'; '.join(clashes)}")
+    pending = []
+    for path, target in targets.items():
+        (result.already_done if target.exists() else pending).append(path)
+    result.already_done = [str(p) for p in result.already_done]
+
+    progress = tqdm(total=len(pending), desc=f"{condition.name} maps", unit="img")
+    for start in range(0, len(pending), batch_size):
+        loaded = []
+        for path in pending[start : start + batch_size]:
+            pixels = load_image(path, resolution)
+            if pixels is None:
+                result.unreadable.append(str(path))
+            else:
+                loaded.append((path, pixels))
+        # Batch images of equal size together (all of them when --resolution is set).
+        by_size: dict[tuple[int, int], list[tuple[Path, torch.Tensor]]] = {}
+        for path, pixels in loaded:
+            by_size.setdefault(tuple(pixels.shape[-2:]), []).append((path, pixels))
+        for group in by_size.values():
+            maps = condition(torch.stack([pixels for _, pixels in group]).to(device))
+            for (path, _), control in zip(group, maps):
+                save_map(control, targets[path])
+                result.written.append(str(targets[path]))
+        progress.update(len(pending[start : start + batch_size]))
+    progress.close()
+    return result
+
+
+def _clashing_outputs(targets: dict[Path, Path]) -> list[str]:
+    seen: dict[Path, Path] = {}
+    clashes = []
+    for path, target in targets.items():
+        if target in seen:
+            clashes.append(f"{seen[target]} and {path} -> {target}")
+        seen[target] = path
+    return clashes
+
+
+def main(argv: Optional[list[str]] = None) -> AnnotateResult:
+    from innercontrol.conditions import CONDITIONS, get_condition
+
+    parser = argparse.ArgumentParser(
+        prog="python -m innercontrol.annotate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # what to compute
+    parser.add_argument("--condition", required=True, choices=sorted(CONDITIONS), help="registered condition")
+    parser.add_argument("--model", default=None, help="weights: local file/folder or hub id (default: published)")
+    parser.add_argument(
+        "--purpose", default="reward", choices=("reward", "eval"), help="which published default (depth differs)"
+    )
+    parser.add_argument("--trust-pickle", action="store_true", help="allow a .pth that needs full unpickling")
+    # input and output
+    parser.add_argument("--input", required=True, help="folder of images (png, jpg, jpeg, webp; searched recursively)")
+    parser.add_argument("--output", required=True, help="folder for the PNG maps (created; existing maps are kept)")
+    parser.add_argument("--resolution", type=int, default=512, help="resize images to R x R first; 0 = keep size")
+    # how
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    input_dir, output_dir = Path(args.input), Path(args.output)
+    if not input_dir.is_dir():
+        parser.error(
+            f"--input {args.input} is not a folder; only image folders are supported for now "
+            "(dataset input will come through innercontrol.data)"
+        )
+    condition = get_condition(
+        args.condition, model_path=args.model, device=args.device, purpose=args.purpose, trust_pickle=args.trust_pickle
+    )
+    result = annotate_folder(condition, input_dir, output_dir, args.batch_size, args.resolution, args.device)
+    print(
+        f"wrote {len(result.written)} maps to {output_dir}, {len(result.already_done)} already there, "
+        f"{len(result.unreadable)} unreadable"
+    )
+    if result.unreadable:
+        print("skipped unreadable images:\n  " + "\n  ".join(result.unreadable), file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()
