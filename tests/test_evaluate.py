@@ -1,0 +1,314 @@
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from innercontrol import evaluate as ev
+from innercontrol.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a red square in front of a blue circle", "a cat"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_eval_set(folder: Path, num: int = 5, size: int = 96) -> Path:
+    """A small local eval set in the hub parquet layout: image, control_depth (grayscale), text."""
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    rng = np.random.default_rng(0)
+    images, depths = [], []
+    for _ in range(num):
+        coarse = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        images.append(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
+        ramp = np.linspace(0, 255, size)[:, None] * rng.uniform(0.5, 1.0) + rng.uniform(0, 60)
+        depths.append(Image.fromarray(np.repeat(ramp.clip(0, 255), size, axis=1).astype(np.uint8), mode="L"))
+    features = Features({"image": ImageFeature(), "control_depth": ImageFeature(), "text": Value("string")})
+    data = Dataset.from_dict({"image": images, "control_depth": depths, "text": CAPTIONS[:num]}, features=features)
+    (folder / "data").mkdir(parents=True)
+    data.to_parquet(str(folder / "data" / "validation-00000-of-00001.parquet"))
+    return folder
+
+
+def stand_in_data_module():
+    """Until innercontrol/data.py exists: a minimal front end with its interface (ordered, finite, no dropout)."""
+
+    def build_dataloader(data_cfg, batch_size, process_index=0, num_processes=1, seed=0, split=None, **_):
+        from datasets import load_dataset
+
+        files = sorted(str(p) for p in Path(data_cfg.dataset).glob(f"data/{split or data_cfg.split}-*.parquet"))
+        rows = load_dataset("parquet", data_files=files, split="train")
+        if data_cfg.max_samples:
+            rows = rows.select(range(min(data_cfg.max_samples, len(rows))))
+        size = (data_cfg.resolution, data_cfg.resolution)
+
+        def tensor(img):
+            array = np.asarray(img.convert("RGB").resize(size, Image.BICUBIC), dtype=np.float32) / 255.0
+            return torch.from_numpy(array).permute(2, 0, 1)
+
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = {
+                "pixel_values": torch.stack([tensor(i) * 2 - 1 for i in chunk[data_cfg.image_column]]),
+                "caption": list(chunk[data_cfg.caption_column]),
+                "row_id": list(range(start, start + len(chunk[data_cfg.caption_column]))),
+            }
+            if data_cfg.control_column:
+                batch["control"] = torch.stack([tensor(i) for i in chunk[data_cfg.control_column]])
+            yield batch
+
+    return types.SimpleNamespace(build_dataloader=build_dataloader)
+
+
+@pytest.fixture
+def data_front_end(monkeypatch):
+    try:
+        import innercontrol.data  # noqa: F401
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "innercontrol.data", stand_in_data_module())
+
+
+@pytest.fixture(scope="module")
+def eval_set(tmp_path_factory):
+    return write_eval_set(tmp_path_factory.mktemp("evalset"))
+
+
+def tiny_overrides(tiny_dir, eval_set, out, **extra):
+    values = {
+        "model.pretrained_model": tiny_dir,
+        "condition.name": "depth",
+        "condition.eval_model": tiny_dir / "dpt",
+        "eval.dataset": eval_set,
+        "eval.split": "validation",
+        "eval.control_column": "control_depth",
+        "eval.output_dir": out,
+        "eval.resolution": 128,
+        "eval.num_inference_steps": 2,
+        "eval.images_per_prompt": 2,
+        "eval.batch_size": 2,
+        "eval.max_samples": 5,
+        "eval.clip_model": tiny_dir / "clip",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def colour_statistics(batch):
+    """Offline stand-in for Inception: per-channel mean and std of the 299x299 input."""
+    batch = batch.float() / 255.0
+    return torch.cat([batch.mean(dim=(2, 3)), batch.std(dim=(2, 3))], dim=1)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*.png"))}
+
+
+def test_image_seed_is_plain_arithmetic_and_distinct():
+    seeds = {ev.image_seed(42, i, g) for i in range(300) for g in range(4)}
+    assert len(seeds) == 1200
+    assert ev.image_seed(42, 7, 3) == (42 * 1_000_003 + 7) * 1024 + 3
+
+
+def test_help_lists_examples_and_metric_choices(capsys):
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "accelerate launch" in text and "configs/tiny.yaml" in text and "--probe" in text
+    args = ev.parse_args(["--config", "c.yaml", "--metrics", "control,clip", "eval.guidance_scale=3.0"])
+    assert args.metrics == ["control", "clip"] and args.overrides == ["eval.guidance_scale=3.0"]
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--config", "c.yaml", "--metrics", "lpips"])
+
+
+def test_evaluate_tiny_end_to_end_and_resume(tiny_dir, eval_set, tmp_path, data_front_end, capsys):
+    from accelerate import Accelerator
+
+    out = tmp_path / "eval"
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), tiny_overrides(tiny_dir, eval_set, out))
+    controlnet = str(tiny_dir / "controlnet")
+    accelerator = Accelerator(cpu=True)
+    results = ev.evaluate(cfg, controlnet, {"control", "clip", "fid"}, accelerator, colour_statistics)
+
+    images = sorted((out / "images").rglob("*.png"))
+    assert [p.relative_to(out).as_posix() for p in images] == [
+        f"images/group_{g}/{i}.png" for g in range(2) for i in range(5)
+    ]
+    assert Image.open(images[0]).size == (128, 128)
+    assert len(list((out / "real").glob("*.png"))) == 5 and len(list((out / "controls").glob("*.png"))) == 5
+    for key in ("rmse", "rmse_per_group", "clip_score", "clip_score_per_group", "fid", "fid_per_group", "settings"):
+        assert key in results
+    assert results["num_samples"] == 5 and results["condition"] == "depth"
+    assert 0 <= results["rmse"] <= 255 and results["clip_score"] >= 0 and results["fid"] > 0
+    assert len(results["fid_per_group"]) == 2
+    assert results["fid"] == pytest.approx(sum(results["fid_per_group"]) / 2)
+    assert json.loads((out / "metrics.json").read_text())["rmse"] == pytest.approx(results["rmse"])
+    with (out / "per_sample.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10 and {"index", "group", "row_id", "rmse", "clip_score", "caption"} <= set(rows[0])
+    assert np.mean([float(r["rmse"]) for r in rows]) == pytest.approx(results["rmse"], rel=1e-6)
+    report = (out / "report.md").read_text()
+    assert "| InnerControl (published) | 26.09 | 18.29 | 31.97 |" in report
+    assert f"| **ours** | {results['rmse']:.2f} |" in report
+    assert Image.open(out / "grid.png").size == (4 * 128, 4 * 128)
+    assert len(list((out / "reextracted").glob("*.png"))) == 4
+
+    # Resume: a second run generates nothing and rewrites no image; a CLIP-only run keeps the RMSE column.
+    before = snapshot(out / "images")
+    capsys.readouterr()
+    again = ev.evaluate(cfg, controlnet, {"clip"}, accelerator)
+    assert "generated 0 new images (10 were already on disk)" in capsys.readouterr().out
+    assert snapshot(out / "images") == before
+    assert again["rmse"] == pytest.approx(results["rmse"]) and again["clip_score"] == pytest.approx(
+        results["clip_score"]
+    )
+
+    # Sharding: images generated process by process (index % 2) are byte-equal to the single-process ones.
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(out / "eval_set.json", sharded)
+    shutil.copytree(out / "controls", sharded / "controls")
+    samples = json.loads((out / "eval_set.json").read_text())["samples"]
+    pipe = ev.load_pipeline(cfg, controlnet, torch.device("cpu"), torch.float32)
+    for rank in range(2):
+        todo = ev.missing_images(cfg, sharded, [i for i in range(5) if i % 2 == rank])
+        ev.generate(cfg, pipe, sharded, samples, todo, show_progress=False)
+    assert {k: v[1] for k, v in snapshot(sharded / "images").items()} == {k: v[1] for k, v in before.items()}
+
+    # Other generation settings in the same folder are refused rather than mixed in.
+    changed = load_config(
+        str(ROOT / "configs" / "tiny.yaml"), tiny_overrides(tiny_dir, eval_set, out, **{"eval.guidance_scale": 3.0})
+    )
+    with pytest.raises(ConfigError, match="guidance_scale: 7.5 on disk, 3.0 now"):
+        ev.evaluate(changed, controlnet, {"clip"}, accelerator)
+
+
+def test_controls_computed_from_images_and_canny_f1(tiny_dir, eval_set, tmp_path, data_front_end):
+    from accelerate import Accelerator
+
+    out = tmp_path / "canny"
+    overrides = tiny_overrides(
+        tiny_dir,
+        eval_set,
+        out,
+        **{
+            "condition.name": "canny",
+            "condition.eval_model": "null",
+            "eval.control_column": "null",
+            "eval.images_per_prompt": 1,
+            "eval.max_samples": 2,
+        },
+    )
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), overrides)
+    results = ev.evaluate(cfg, str(tiny_dir / "controlnet"), {"control"}, Accelerator(cpu=True))
+    assert 0.0 <= results["f1"] <= 1.0 and "clip_score" not in results and "fid" not in results
+    # The saved controls are the canny condition of the exported real images.
+    from innercontrol.conditions import get_condition
+
+    real = ev.load_images([out / "real" / f"{i}.png" for i in range(2)])
+    expected = get_condition("canny", purpose="eval")(real)
+    saved = ev.load_images([out / "controls" / f"{i}.png" for i in range(2)])
+    assert (saved - expected).abs().max() <= 0.5 / 255 + 1e-6
+    assert "No published numbers for canny" in (out / "report.md").read_text()
+
+
+def test_report_rows_follow_condition_and_guidance():
+    cfg = load_config(None, ["condition.name=hed", "eval.guidance_scale=3.0"])
+    results = {"ms_ssim": 0.81234, "ssim": 0.7, "fid": 12.5, "clip_score": 31.0, "num_samples": 5000}
+    results["settings"] = {"controlnet": "c", "pretrained_model": "m"}
+    report = ev.report_markdown(cfg, results)
+    assert "| InnerControl (published) | 0.8305 | 12.16 | 31.28 |" in report
+    assert "ControlNet++" not in report
+    assert "| **ours** | 0.8123 | 12.50 | 31.00 |" in report
+    assert "MS-SSIM" in report and "single-scale SSIM: 0.7000" in report
+    depth = ev.report_markdown(load_config(None, ["condition.name=depth"]), {**results, "rmse": 27.0})
+    assert depth.count("(published)") == 4 and "| ControlNet++ (published) | 28.32 | 16.66 | 32.09 |" in depth
+
+
+def test_probe_readout_records_every_step(tiny_dir, eval_set, tmp_path, data_front_end):
+    pytest.importorskip("innercontrol.probes")
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+
+    from innercontrol.controlled_unet import tapped_channels
+    from innercontrol.probes import build_probe
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    torch.manual_seed(0)
+    probe = build_probe(tapped_channels(unet, "attn"), 32, unet.time_embedding.linear_2.out_features, tap="attn")
+    probe.save_pretrained(tmp_path / "probe")
+    out = tmp_path / "readout"
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), tiny_overrides(tiny_dir, eval_set, out))
+    cfg_steps = cfg.eval.num_inference_steps
+    table = ev.probe_readout(cfg, str(tiny_dir / "controlnet"), str(tmp_path / "probe"), 3, Accelerator(cpu=True))
+    assert [row["step"] for row in table] == list(range(cfg_steps))
+    timesteps = [row["timestep"] for row in table]
+    assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == cfg_steps
+    assert all(np.isfinite(row["probe_mse"]) and row["probe_mse"] > 0 for row in table)
+    for name in ("probe_readout.csv", "probe_readout.md", "probe_readout.png"):
+        assert (out / name).is_file()
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_give_identical_images(tiny_dir, eval_set, tmp_path):
+    """The real entry points: `python -m innercontrol.evaluate` vs eval/eval_depth.sh with two CPU processes."""
+    pytest.importorskip("innercontrol.data")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    fid_file = tmp_path / "inception.pt"
+    from tests.test_metrics import FakeInception
+
+    torch.jit.save(torch.jit.script(FakeInception()), str(fid_file))
+    single, double = tmp_path / "one", tmp_path / "two"
+    config = str(ROOT / "configs" / "tiny.yaml")
+    controlnet = str(tiny_dir / "controlnet")
+    one = [sys.executable, "-m", "innercontrol.evaluate", "--config", config, "--controlnet", controlnet]
+    one += ["--metrics", "control", *tiny_overrides(tiny_dir, eval_set, single)]
+    subprocess.run(one, cwd=ROOT, env=env, check=True, timeout=600)
+    two = ["bash", "eval/eval_depth.sh", controlnet, *tiny_overrides(tiny_dir, eval_set, double)]
+    two[3:3] = [f"eval.inception_weights={fid_file}"]
+    done = subprocess.run(
+        two,
+        cwd=ROOT,
+        env={**env, "NUM_PROCESSES": "2", "METRICS": "all", "MAIN_PORT": str(free_port())},
+        timeout=600,
+        capture_output=True,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert "generated 10 new images (0 were already on disk) on 2 process(es)" in done.stdout.decode()
+    a, b = snapshot(single / "images"), snapshot(double / "images")
+    assert len(a) == 10 and {k: v[1] for k, v in a.items()} == {k: v[1] for k, v in b.items()}
+    results = json.loads((double / "metrics.json").read_text())
+    assert results["rmse"] == pytest.approx(json.loads((single / "metrics.json").read_text())["rmse"], rel=1e-5)
+    assert {"rmse", "clip_score", "fid", "fid_per_group"} <= set(results)
+    # A second two-process run over the same folder generates nothing.
+    again = subprocess.run(
+        two,
+        cwd=ROOT,
+        env={**env, "NUM_PROCESSES": "2", "METRICS": "clip", "MAIN_PORT": str(free_port())},
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
+    assert "generated 0 new images (10 were already on disk)" in again.stdout.decode()
+    assert snapshot(double / "images") == b
