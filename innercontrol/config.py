@@ -13,6 +13,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+# YAML 1.1 reads these as booleans; a boolean key accepts them as strings too, so quoting them is safe.
+YAML_BOOL_WORDS = ("no", "yes", "on", "off", "y", "n")
+
 
 class ConfigError(ValueError):
     """A configuration file or override that does not fit the schema."""
@@ -199,6 +202,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.lr=2e-5)")
+        key, value = item.split("=", 1)
+        if value.strip().lower() in YAML_BOOL_WORDS:  # keep `optim.mixed_precision=no` a string, not False
+            item = f'{key}="{value.strip()}"'
         cli_cfg = OmegaConf.from_dotlist([item])
         _check_keys(OmegaConf.to_container(cli_cfg), "the command line")
         cfg = _merge(cfg, cli_cfg, f"override '{item}'")

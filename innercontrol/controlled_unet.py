@@ -83,9 +83,11 @@ class ControlledOutput:
 
 
 class ControlledUNet(nn.Module):
-    """Trainable ControlNet feeding residuals into a frozen UNet; one call = one denoising forward pass."""
+    """Trainable ControlNet feeding residuals into a frozen UNet; one call = one denoising forward pass.
 
-    def __init__(self, unet: nn.Module, controlnet: nn.Module, tap: str | None = "attn"):
+    controlnet=None runs the UNet alone (probe pretraining without a ControlNet)."""
+
+    def __init__(self, unet: nn.Module, controlnet: nn.Module | None, tap: str | None = "attn"):
         super().__init__()
         self.unet = unet
         self.controlnet = controlnet
@@ -107,14 +109,16 @@ class ControlledUNet(nn.Module):
         tap: str | None = "default",
     ) -> ControlledOutput:
         tap = self.tap if tap == "default" else tap
-        down_residuals, mid_residual = self.controlnet(
-            noisy_latents,
-            timesteps,
-            encoder_hidden_states=encoder_hidden_states,
-            controlnet_cond=control_image,
-            conditioning_scale=conditioning_scale,
-            return_dict=False,
-        )
+        down_residuals, mid_residual = None, None
+        if self.controlnet is not None:
+            down_residuals, mid_residual = self.controlnet(
+                noisy_latents,
+                timesteps,
+                encoder_hidden_states=encoder_hidden_states,
+                controlnet_cond=control_image,
+                conditioning_scale=conditioning_scale,
+                return_dict=False,
+            )
         time_embedding: list[torch.Tensor] = []
         hook = self.unet.time_embedding.register_forward_hook(lambda _m, _a, out: time_embedding.append(out))
         try:

@@ -107,6 +107,25 @@ def _text_config(vocab_size: int):
     )
 
 
+def calibrate_vae(vae):
+    """Make a random VAE behave like SD's: a near-deterministic posterior and unit-variance scaled latents.
+
+    A freshly initialised encoder predicts log-variance ~0, so sampled latents would be posterior noise (std 1)
+    swamping the image signal (std ~0.2); SD's trained VAE has a tiny posterior std. The scaling factor is set
+    from a fixed batch of smooth random images, as SD's 0.18215 was set from data.
+    """
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[channels:] = 0
+        vae.quant_conv.bias[channels:] = -12.0  # log-variance: posterior std e^-6
+        generator = torch.Generator().manual_seed(0)
+        coarse = torch.rand(16, 3, 8, 8, generator=generator) * 2 - 1
+        images = torch.nn.functional.interpolate(coarse, size=vae.config.sample_size, mode="bicubic").clamp(-1, 1)
+        std = vae.encode(images).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 4))
+    return vae
+
+
 def build_tiny_pipeline():
     """The tiny StableDiffusionControlNetPipeline, seeded so every build has the same weights."""
     from diffusers import (
@@ -129,7 +148,7 @@ def build_tiny_pipeline():
         for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
             conv.weight.normal_(0.0, 0.02)
     torch.manual_seed(2)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = calibrate_vae(AutoencoderKL(**VAE_CONFIG))
     torch.manual_seed(3)
     text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
     scheduler = PNDMScheduler(**SCHEDULER_CONFIG)

@@ -71,3 +71,9 @@ def test_schema_table_lists_every_key():
     table = describe_schema()
     for key in valid_keys():
         assert f"`{key}`" in table
+
+
+def test_yaml_bool_words_stay_strings_on_the_command_line():
+    cfg = load_config(None, ["optim.mixed_precision=no", "eval.mixed_precision=no", "probe.trust_pickle=yes"])
+    assert cfg.optim.mixed_precision == "no" and cfg.eval.mixed_precision == "no"
+    assert cfg.probe.trust_pickle is True
