@@ -1,49 +1,116 @@
-"""The embedded tiny default, end to end, offline on the CPU.
+"""The embedded tiny default, end to end, offline on the CPU (what `make demo` runs; a few minutes).
 
-    python -m innercontrol.demo --out outputs/demo      (what `make demo` runs)
+    python -m innercontrol.demo --out outputs/demo
 
-Stages that exist so far: tiny pipeline -> one controlled generation. Later stages (synthetic data,
-probe pretraining, aligned training, evaluation) are added here as they land.
+Stages, each the real entry point with configs/tiny.yaml (paths re-pointed under --out):
+  1. python -m innercontrol.tiny          tiny SD1.5-shaped pipeline + tiny DPT depth model + tiny CLIP
+  2. python -m innercontrol.synthetic     synthetic depth scenes with exact depth maps (train / validation)
+  3. python -m innercontrol.train_probes  probe pretraining + probe accuracy vs timestep table and plot
+  4. python -m innercontrol.train         InnerControl training (diffusion + reward + alignment)
+  5. python -m innercontrol.evaluate      generation, depth RMSE, CLIP score, report; probe readout
+The tiny models have random weights (the DPT reward model too), so the numbers exercise the machinery: they say
+nothing about SD1.5. FID is skipped (clean-fid's Inception weights need a download).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def path_overrides(out: Path) -> list[str]:
+    tiny = out / "tiny"
+    return [
+        f"model.pretrained_model={tiny}",
+        f"model.controlnet={tiny}/controlnet",
+        f"condition.reward_model={tiny}/dpt",
+        f"condition.eval_model={tiny}/dpt",
+        f"data.dataset={out / 'synthetic'}",
+        f"eval.dataset={out / 'synthetic'}",
+        f"eval.clip_model={tiny}/clip",
+        f"probe.path={out / 'probe'}",
+        f"eval.output_dir={out / 'eval'}",
+    ]
+
+
+def run(stage: str, args: list[str]) -> None:
+    print(f"\n=== {stage}: python -m {' '.join(args[:1])} ...", flush=True)
+    start = time.time()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    subprocess.run([sys.executable, "-m", *args], check=True, env=env)
+    print(f"=== {stage} done in {time.time() - start:.0f} s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="folder for every output of the demo")
+    parser.add_argument("--num-images", type=int, default=480, help="synthetic scenes (10%% held out)")
+    parser.add_argument("--probe-steps", type=int, default=None, help="default: probe.max_steps of tiny.yaml")
+    parser.add_argument("--train-steps", type=int, default=None, help="default: optim.max_steps of tiny.yaml")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    common = ["--config", str(CONFIG), *path_overrides(out)]
 
-    import torch
-    from diffusers import StableDiffusionControlNetPipeline
-
-    from innercontrol.tiny import TINY_RESOLUTION, write_tiny
-
-    print("[1/2] tiny SD1.5-shaped pipeline", flush=True)
-    tiny = write_tiny(out / "tiny")
-    print("[2/2] controlled generation with the tiny pipeline", flush=True)
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(tiny)
-    control = torch.linspace(0, 1, TINY_RESOLUTION).view(1, 1, 1, -1).expand(1, 3, TINY_RESOLUTION, TINY_RESOLUTION)
-    image = pipe(
-        "a red circle in front of a blue square",
-        image=control,
-        num_inference_steps=4,
-        height=TINY_RESOLUTION,
-        width=TINY_RESOLUTION,
-        generator=torch.Generator().manual_seed(0),
-    ).images[0]
-    image.save(out / "sample.png")
-    print(f"done in {time.time() - start:.0f} s: tiny pipeline in {tiny}, sample image {out / 'sample.png'}")
+    run("1/5 tiny pipeline", ["innercontrol.tiny", "--out", str(out / "tiny")])
+    run(
+        "2/5 synthetic data",
+        [
+            "innercontrol.synthetic",
+            "--out",
+            str(out / "synthetic"),
+            "--num",
+            str(args.num_images),
+            "--resolution",
+            "128",
+        ],
+    )
+    run(
+        "3/5 probe pretraining",
+        [
+            "innercontrol.train_probes",
+            *common,
+            f"logging.output_dir={out / 'probe_run'}",
+            *([f"probe.max_steps={args.probe_steps}"] if args.probe_steps else []),
+            "logging.checkpoint_every=100000",
+        ],
+    )
+    run(
+        "4/5 aligned ControlNet training",
+        [
+            "innercontrol.train",
+            *common,
+            f"logging.output_dir={out / 'train'}",
+            *([f"optim.max_steps={args.train_steps}"] if args.train_steps else []),
+        ],
+    )
+    run(
+        "5/5 evaluation",
+        [
+            "innercontrol.evaluate",
+            *common,
+            "--controlnet",
+            str(out / "train" / "controlnet"),
+            "--metrics",
+            "control,clip",
+            "--probe",
+            str(out / "probe"),
+        ],
+    )
+    print(
+        f"\ndemo finished in {time.time() - start:.0f} s. Outputs under {out}:\n"
+        f"  probe accuracy vs timestep  {out / 'probe' / 'probe_accuracy.md'} (and .png)\n"
+        f"  training logs / checkpoints {out / 'train'} (validation grids in {out / 'train' / 'validation'})\n"
+        f"  trained ControlNet          {out / 'train' / 'controlnet'} (EMA: controlnet_ema)\n"
+        f"  evaluation report           {out / 'eval' / 'report.md'} (metrics.json, grid.png, per_sample.csv)"
+    )
 
 
 if __name__ == "__main__":

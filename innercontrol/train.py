@@ -1,0 +1,387 @@
+"""Aligned ControlNet training: InnerControl, and by config the ControlNet++ and plain ControlNet baselines.
+
+    accelerate launch --config_file train/config.yml -m innercontrol.train --config configs/depth.yaml
+    python -m innercontrol.train --config configs/tiny.yaml                      # offline CPU run (tiny default)
+    python -m innercontrol.train --config configs/hed.yaml loss.alignment_weight=0   # ControlNet++ baseline
+    python -m innercontrol.train --config configs/hed.yaml loss.alignment_weight=0 loss.reward_weight=0  # plain
+
+The objective (DESIGN section 3), per micro-batch:
+    loss = diffusion_mse + reward_weight * reward_loss[t in reward_window]
+                         + alignment_weight * alignment_loss[t in alignment_window]
+Only the ControlNet is trained; UNet, VAE, text encoder, probe and condition model are frozen.
+Checkpoints go to <output_dir>/checkpoints/checkpoint-<step> (resume with logging.resume=latest); the final
+ControlNet and its EMA are written with save_pretrained to <output_dir>/controlnet and <output_dir>/controlnet_ema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from innercontrol.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint, save_model_atomically
+from innercontrol.config import load_config
+from innercontrol.controlled_unet import ControlledUNet, tapped_channels
+from innercontrol.losses import LossWeights, diffusion_target, innercontrol_objective
+from innercontrol.models import encode_prompts, load_controlnet, load_stable_diffusion
+
+logger = logging.getLogger("innercontrol.train")
+LOSS_TERMS = ("loss", "diffusion", "reward", "alignment")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class EMA:
+    """Exponential moving average of the ControlNet's weights (saved and restored with every checkpoint)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for ema_param, param in zip(self.shadow.parameters(), model.parameters()):
+            ema_param.lerp_(param.detach().to(ema_param.dtype), 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "weights": self.shadow.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.shadow.load_state_dict(state["weights"])
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM: remember the request; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("stop requested: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="experiment YAML (configs/*.yaml); schema defaults if omitted")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=2e-5 loss.reward_weight=0")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    return parser.parse_args(argv)
+
+
+def compute_control(condition, images: torch.Tensor) -> torch.Tensor:
+    """Control maps (B,3,H,W) in [0,1] from images in [-1,1], batched on the accelerator (hed, lineart, canny)."""
+    with torch.no_grad():
+        return condition((images.float() + 1) / 2).float()
+
+
+def training_step(batch, sd, model, condition, probe, weights: LossWeights, weight_dtype, device) -> dict:
+    """One micro-batch: encode, noise, ControlNet + UNet forward with decoder taps, every term of the objective."""
+    images = batch["pixel_values"].to(device)
+    control = batch["control"].to(device) if "control" in batch else compute_control(condition, images)
+    with torch.no_grad():
+        latents = sd.vae.encode(images.to(weight_dtype)).latent_dist.sample() * sd.vae.config.scaling_factor
+        text = encode_prompts(sd.tokenizer, sd.text_encoder, batch["caption"], device)
+    latents = latents.float()
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, sd.scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+    noisy = sd.scheduler.add_noise(latents, noise, timesteps)
+    output = model(noisy.to(weight_dtype), timesteps, text.to(weight_dtype), control.to(weight_dtype))
+    target = diffusion_target(sd.scheduler, latents, noise, timesteps)
+    return innercontrol_objective(
+        output, target, noisy, timesteps, control, weights, sd.scheduler, sd.vae, condition, probe
+    )
+
+
+@torch.no_grad()
+def validation_grid(cfg, sd, controlnet, condition, controls, captions, device, weight_dtype):
+    """One image per validation prompt; rows of (control | generated) as a PIL image."""
+    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+    from PIL import Image
+
+    pipe = StableDiffusionControlNetPipeline(
+        vae=sd.vae,
+        text_encoder=sd.text_encoder,
+        tokenizer=sd.tokenizer,
+        unet=sd.unet,
+        controlnet=controlnet,
+        scheduler=UniPCMultistepScheduler.from_config(sd.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    size = cfg.data.resolution
+    rows = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # keep training RNG untouched
+        for index, (control, caption) in enumerate(zip(controls, captions)):
+            image = pipe(
+                caption,
+                image=control[None].to(device, weight_dtype),
+                num_inference_steps=cfg.eval.num_inference_steps,
+                guidance_scale=cfg.eval.guidance_scale,
+                height=size,
+                width=size,
+                generator=torch.Generator(device="cpu").manual_seed(cfg.seed + index),
+                output_type="pil",
+            ).images[0]
+            control_image = Image.fromarray((control.permute(1, 2, 0).float().cpu().numpy() * 255).astype("uint8"))
+            rows.append((control_image.resize(image.size), image))
+    grid = Image.new("RGB", (2 * size, size * len(rows)))
+    for row, (control_image, image) in enumerate(rows):
+        grid.paste(control_image, (0, row * size))
+        grid.paste(image, (size, row * size))
+    return grid
+
+
+def validation_batch(cfg, condition, device):
+    """Controls and captions of the validation grid: logging.validation_images, else the first data rows."""
+    from innercontrol.data import build_dataloader
+
+    prompts = list(cfg.logging.validation_prompts)
+    if cfg.logging.validation_images:
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor
+
+        controls = []
+        for path in cfg.logging.validation_images:
+            image = Image.open(path).convert("RGB").resize((cfg.data.resolution,) * 2, Image.BICUBIC)
+            controls.append(pil_to_tensor(image).float() / 255)
+        controls = torch.stack(controls)
+    else:
+        loader = build_dataloader(cfg.data, max(1, len(prompts)), shuffle=False, infinite=False, num_workers=0)
+        batch = next(iter(loader))
+        images = batch["pixel_values"].to(device)
+        controls = batch["control"] if "control" in batch else compute_control(condition, images).cpu()
+        prompts = prompts or batch["caption"]
+    count = min(len(prompts), len(controls))
+    return controls[:count], prompts[:count]
+
+
+def log_images(accelerator, grid, step: int) -> None:
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg))
+        return
+    train(cfg)
+
+
+def train(cfg) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from innercontrol.conditions import get_condition
+    from innercontrol.data import build_dataloader
+    from innercontrol.probes import load_probe
+
+    output_dir = Path(cfg.logging.output_dir)
+    accelerator = Accelerator(
+        # cpu=True without CUDA: `accelerate launch --num_processes N` then runs N cooperating CPU processes (gloo).
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.optim.mixed_precision,
+        gradient_accumulation_steps=cfg.optim.gradient_accumulation,
+        log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    device = accelerator.device
+    set_seed(cfg.seed + accelerator.process_index)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.optim.mixed_precision]
+    weights = LossWeights.from_config(cfg.loss)
+    needs_condition = weights.reward_weight > 0 or weights.alignment_weight > 0 or cfg.data.control_column is None
+
+    sd = load_stable_diffusion(cfg.model)
+    controlnet = load_controlnet(cfg.model, sd.unet)
+    controlnet.train()
+    if cfg.model.gradient_checkpointing:
+        sd.unet.enable_gradient_checkpointing()
+        controlnet.enable_gradient_checkpointing()
+    for module in (sd.unet, sd.vae, sd.text_encoder):
+        module.to(device, dtype=weight_dtype)
+    condition = None
+    if needs_condition:
+        condition = get_condition(cfg.condition.name, cfg.condition.reward_model, device, purpose="reward")
+        condition.to(dtype=weight_dtype if condition.model is not None else None)
+    probe = None
+    if weights.alignment_weight > 0:
+        if cfg.probe.path is None:
+            raise ValueError(
+                "loss.alignment_weight > 0 needs a pretrained probe: set probe.path (train one with "
+                "train/train_probes.sh CONDITION), or loss.alignment_weight=0 for the ControlNet++ baseline"
+            )
+        probe = load_probe(cfg.probe.path, trust_pickle=cfg.probe.trust_pickle).requires_grad_(False)
+        expected = tapped_channels(sd.unet, cfg.model.tap)
+        if list(probe.config.feature_dims) != expected:
+            raise ValueError(
+                f"probe '{cfg.probe.path}' expects tapped channels {list(probe.config.feature_dims)}, but model.tap="
+                f"{cfg.model.tap} on this UNet gives {expected}: use a probe trained for this model and tap mode"
+            )
+        probe.to(device, dtype=weight_dtype)
+
+    optimizer = torch.optim.AdamW(
+        controlnet.parameters(),
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+        weight_decay=cfg.optim.weight_decay,
+        eps=cfg.optim.adam_eps,
+    )
+    # Prepared schedulers step once per process per optimizer step; scale the horizon to match.
+    lr_scheduler = get_scheduler(
+        cfg.optim.lr_schedule,
+        optimizer,
+        num_warmup_steps=cfg.optim.warmup_steps * accelerator.num_processes,
+        num_training_steps=cfg.optim.max_steps * accelerator.num_processes,
+    )
+    controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
+    ema = EMA(accelerator.unwrap_model(controlnet), cfg.optim.ema_decay) if cfg.optim.use_ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    model = ControlledUNet(sd.unet, controlnet, tap=cfg.model.tap if probe is not None else None)
+    loader = build_dataloader(
+        cfg.data,
+        cfg.optim.batch_size,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        seed=cfg.seed,
+    )
+
+    global_step = 0
+    checkpoint = find_checkpoint(output_dir, cfg.logging.resume)
+    if checkpoint is not None:
+        state, data_state = load_checkpoint(accelerator, checkpoint)
+        loader.load_state_dict(data_state)
+        global_step = int(state["step"])
+        logger.info("resumed from %s at step %d", checkpoint, global_step)
+    elif cfg.logging.resume == "latest":
+        logger.info("logging.resume=latest: no checkpoint in %s yet, starting fresh", output_dir)
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        from omegaconf import OmegaConf
+
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        if cfg.logging.report_to != "none":
+            accelerator.init_trackers("innercontrol")
+        validation = validation_batch(cfg, condition, device) if cfg.logging.validation_every > 0 else None
+    stop = StopRequest()
+    logger.info("training from step %d to %d (Ctrl-C saves a checkpoint and stops)", global_step, cfg.optim.max_steps)
+    data = iter(loader)
+    progress = tqdm(
+        total=cfg.optim.max_steps, initial=global_step, disable=not accelerator.is_main_process, desc="steps"
+    )
+    sums = {term: 0.0 for term in LOSS_TERMS}
+    micro_batches, window_start = 0, time.perf_counter()
+
+    def checkpoint_now(reason: str) -> Path:
+        extra = {"reason": reason, "config": cfg.logging.output_dir}
+        path = save_checkpoint(
+            accelerator, output_dir, global_step, loader.state_dict(), extra, cfg.logging.checkpoint_total_limit
+        )
+        logger.info("checkpoint (%s): %s", reason, path)
+        return path
+
+    try:
+        while global_step < cfg.optim.max_steps:
+            batch = next(data)
+            with accelerator.accumulate(controlnet):
+                terms = training_step(batch, sd, model, condition, probe, weights, weight_dtype, device)
+                bad = [k for k in LOSS_TERMS if k in terms and not math.isfinite(terms[k].item())]
+                flags = torch.tensor([float(bool(bad)), float(stop.requested)], device=device)
+                flags = accelerator.reduce(flags, reduction="sum") if accelerator.num_processes > 1 else flags
+                if flags[0] > 0:
+                    found = ", ".join(f"{k}={terms[k].item()}" for k in bad) or "on another process"
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {global_step + 1} ({found}); the run stops without saving, so "
+                        f"the last good checkpoint stays the latest (resume with logging.resume=latest, perhaps "
+                        f"with a lower optim.lr or optim.mixed_precision=bf16)"
+                    )
+                accelerator.backward(terms["loss"])
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(controlnet.parameters(), cfg.optim.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for term in LOSS_TERMS:
+                sums[term] += terms[term].item() if term in terms else 0.0
+            micro_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(controlnet))
+            if global_step % cfg.logging.log_every == 0 or global_step == cfg.optim.max_steps:
+                elapsed = time.perf_counter() - window_start
+                logs = {f"loss/{k}": v / micro_batches for k, v in sums.items()}
+                logs["lr"] = lr_scheduler.get_last_lr()[0]
+                logs["steps_per_sec"] = (micro_batches / cfg.optim.gradient_accumulation) / elapsed
+                accelerator.log(logs, step=global_step)
+                progress.set_postfix(loss=f"{logs['loss/loss']:.4f}", steps_s=f"{logs['steps_per_sec']:.2f}")
+                sums = {term: 0.0 for term in LOSS_TERMS}
+                micro_batches, window_start = 0, time.perf_counter()
+            if global_step % cfg.logging.checkpoint_every == 0 or flags[1] > 0:
+                checkpoint_now("stop requested" if flags[1] > 0 else "interval")
+            if flags[1] > 0:
+                logger.warning("stopped at step %d on request; resume with logging.resume=latest", global_step)
+                return output_dir
+            if cfg.logging.validation_every > 0 and global_step % cfg.logging.validation_every == 0:
+                if accelerator.is_main_process:
+                    net = ema.shadow if ema is not None else accelerator.unwrap_model(controlnet)
+                    grid = validation_grid(cfg, sd, net, condition, *validation, device, weight_dtype)
+                    folder = output_dir / "validation"
+                    folder.mkdir(exist_ok=True)
+                    grid.save(folder / f"step-{global_step:06d}.png")
+                    log_images(accelerator, grid, global_step)
+                accelerator.wait_for_everyone()
+    finally:
+        stop.restore()
+        progress.close()
+
+    accelerator.wait_for_everyone()
+    if global_step % cfg.logging.checkpoint_every != 0:
+        checkpoint_now("final")
+    if accelerator.is_main_process:
+        save_model_atomically(accelerator.unwrap_model(controlnet), output_dir / "controlnet")
+        if ema is not None:
+            save_model_atomically(ema.shadow, output_dir / "controlnet_ema")
+        summary = {"steps": global_step, "controlnet": str(output_dir / "controlnet"), "data": vars(loader.stats)}
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        logger.info("final ControlNet: %s (EMA: %s)", output_dir / "controlnet", output_dir / "controlnet_ema")
+    accelerator.end_training()
+    return output_dir
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

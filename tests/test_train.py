@@ -1,0 +1,225 @@
+"""Training entry points on the tiny pipeline: resume exactness, crash safety, non-finite loss, Ctrl-C, 2 processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from innercontrol.checkpoints import complete_checkpoints, find_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = 64
+
+
+@pytest.fixture(scope="module")
+def workspace(tiny_dir, tmp_path_factory):
+    """Tiny pipeline + synthetic depth set + a random probe for the tiny UNet's attention taps."""
+    from diffusers import UNet2DConditionModel
+
+    from innercontrol.controlled_unet import tapped_channels
+    from innercontrol.probes import build_probe
+    from innercontrol.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("train_ws")
+    write_synthetic(root / "synthetic", num=24, resolution=RES, seed=0, val_fraction=0.25)
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    torch.manual_seed(0)
+    build_probe(tapped_channels(unet, "attn"), 32, 64, tap="attn").save_pretrained(root / "probe")
+    return {"tiny": tiny_dir, "data": root / "synthetic", "probe": root / "probe", "root": root}
+
+
+def overrides(ws, out, steps, *extra):
+    return [
+        f"model.pretrained_model={ws['tiny']}",
+        f"model.controlnet={ws['tiny']}/controlnet",
+        f"condition.reward_model={ws['tiny']}/dpt",
+        f"data.dataset={ws['data']}",
+        f"data.resolution={RES}",
+        f"eval.dataset={ws['data']}",
+        f"eval.resolution={RES}",
+        f"probe.path={ws['probe']}",
+        f"logging.output_dir={out}",
+        f"optim.max_steps={steps}",
+        "optim.batch_size=2",
+        "optim.gradient_accumulation=2",
+        "logging.checkpoint_every=2",
+        "logging.validation_every=0",
+        "logging.report_to=none",
+        # windows wide enough that both window terms act in almost every step
+        "loss.reward_window=[0,999]",
+        "model.tap=attn",  # the workspace probe reads attention taps
+        *extra,
+    ]
+
+
+def run_train(args):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from innercontrol import train
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return train.main(["--config", str(ROOT / "configs" / "tiny.yaml"), *args])
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(Path(folder) / "diffusion_pytorch_model.safetensors")
+
+
+def test_resume_matches_uninterrupted_run(workspace):
+    root = workspace["root"]
+    run_train(overrides(workspace, root / "straight", 4))
+    run_train(overrides(workspace, root / "halves", 2))
+    assert [p.name for p in complete_checkpoints(root / "halves")] == ["checkpoint-2"]
+    run_train(overrides(workspace, root / "halves", 4, "logging.resume=latest"))
+    for name in ("controlnet", "controlnet_ema"):
+        straight, halves = weights(root / "straight" / name), weights(root / "halves" / name)
+        assert straight.keys() == halves.keys()
+        for key in straight:
+            assert torch.allclose(straight[key], halves[key], rtol=1e-5, atol=1e-7), (name, key)
+    start = weights(Path(workspace["tiny"]) / "controlnet")
+    assert any(
+        not torch.equal(start[k], straight_value)
+        for k, straight_value in weights(root / "straight" / "controlnet").items()
+    )
+    state = json.loads((root / "halves" / "checkpoints" / "checkpoint-4" / "training_state.json").read_text())
+    assert state["step"] == 4
+    summary = json.loads((root / "straight" / "summary.json").read_text())
+    assert summary["steps"] == 4
+
+
+def test_final_controlnet_loads_in_diffusers(workspace):
+    from diffusers import ControlNetModel
+
+    out = workspace["root"] / "straight"
+    if not (out / "controlnet").exists():
+        run_train(overrides(workspace, out, 4))
+    net = ControlNetModel.from_pretrained(out / "controlnet")
+    ema = ControlNetModel.from_pretrained(out / "controlnet_ema")
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in ema.parameters())
+
+
+def test_crash_mid_save_keeps_previous_checkpoint_latest(workspace, monkeypatch):
+    import innercontrol.checkpoints as ckpt
+
+    out = workspace["root"] / "crash"
+    real_replace = os.replace
+    calls = []
+
+    def failing_replace(src, dst):
+        calls.append(dst)
+        if Path(dst).name == "checkpoint-4":
+            raise OSError("disk full (simulated)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="simulated"):
+        run_train(overrides(workspace, out, 6))
+    assert find_checkpoint(out, "latest").name == "checkpoint-2"
+    assert (out / "checkpoints" / ".tmp-checkpoint-4").is_dir()  # the broken one is never taken as a checkpoint
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    run_train(overrides(workspace, out, 6, "logging.resume=latest"))
+    assert [p.name for p in complete_checkpoints(out)][-1] == "checkpoint-6"
+    assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_non_finite_loss_stops_with_step_and_term(workspace, monkeypatch):
+    from innercontrol import train
+
+    out = workspace["root"] / "nan"
+    real_step = train.training_step
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        terms = real_step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:  # micro-batch 5 = first micro-batch of optimizer step 3
+            terms["alignment"] = torch.tensor(float("nan"))
+            terms["loss"] = terms["loss"] + terms["alignment"]
+        return terms
+
+    monkeypatch.setattr(train, "training_step", poisoned)
+    with pytest.raises(train.NonFiniteLossError, match=r"step 3 \(loss=nan, alignment=nan\).*last good checkpoint"):
+        run_train(overrides(workspace, out, 6))
+    assert find_checkpoint(out, "latest").name == "checkpoint-2"
+    assert not (out / "controlnet").exists()
+
+
+def test_probe_that_does_not_fit_the_taps_is_refused(workspace):
+    with pytest.raises(ValueError, match=r"expects tapped channels .* model.tap=conv on this UNet gives"):
+        run_train(overrides(workspace, workspace["root"] / "wrongtap", 2, "model.tap=conv"))
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_then_exits(workspace):
+    out = workspace["root"] / "sigint"
+    log = workspace["root"] / "sigint.log"
+    args = overrides(workspace, out, 1000, "logging.checkpoint_every=1000")
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "innercontrol.train", "--config", str(ROOT / "configs" / "tiny.yaml"), *args],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        deadline = time.time() + 120
+        while "training from step" not in log.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-2000:]
+    latest = find_checkpoint(out, "latest")
+    assert latest is not None and int(latest.name.split("-")[1]) >= 1
+    assert json.loads((latest / "training_state.json").read_text())["reason"] == "stop requested"
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(workspace):
+    out = workspace["root"] / "ddp"
+    args = overrides(workspace, out, 4, "logging.validation_every=4")
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "train" / "config.yml"),
+        "--num_processes",
+        "2",
+        "-m",
+        "innercontrol.train",
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        *args,
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    latest = complete_checkpoints(out)[-1]
+    assert (latest / "data_state_0.json").is_file() and (latest / "data_state_1.json").is_file()
+    data = [json.loads((latest / f"data_state_{i}.json").read_text()) for i in (0, 1)]
+    assert data[0] != data[1]  # each process keeps its own position in its own shard
+    from diffusers import ControlNetModel
+
+    ControlNetModel.from_pretrained(out / "controlnet")
+    assert (out / "validation" / "step-000004.png").is_file()
