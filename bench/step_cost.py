@@ -1,0 +1,362 @@
+"""Cost of one ControlNet training step with each loss term of the InnerControl objective.
+
+Rows (same seeded timesteps for every row; rows interleaved step by step so drift hits all alike):
+  a  plain ControlNet (diffusion loss)
+  b  + reward loss, whole batch decoded then masked (the anchors' way)
+  c  + reward loss on the in-window subset (ours)
+  d  + alignment loss (probe on decoder attention taps)
+  e  full InnerControl (subset reward + alignment)
+  b200/c200  b and c at the HED/lineart reward window t <= 200
+Windows otherwise those of the depth experiment: reward [0, 400], alignment [0, 920].
+
+    python bench/step_cost.py                                   # tiny preset, CPU
+    python bench/step_cost.py --preset sd15 --resolution 256 --batch-size 4 --steps 4   # SD1.5 shapes, CPU
+    python bench/step_cost.py --preset sd15 --resolution 512 --batch-size 8 --precision bf16 \
+        --gradient-checkpointing --device cuda                  # the GPU table
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    reward: str | None  # None, "whole" or "subset"
+    reward_window: tuple[int, int]
+    alignment: bool
+
+
+ROWS = [
+    Row("a", "plain ControlNet", None, (0, 400), False),
+    Row("b", "+ reward, whole batch then mask (anchors)", "whole", (0, 400), False),
+    Row("c", "+ reward, in-window subset (ours)", "subset", (0, 400), False),
+    Row("d", "+ alignment", None, (0, 400), True),
+    Row("e", "full InnerControl (c + d)", "subset", (0, 400), True),
+    Row("b200", "+ reward whole batch, window [0,200]", "whole", (0, 200), False),
+    Row("c200", "+ reward subset, window [0,200]", "subset", (0, 200), False),
+]
+ALIGNMENT_WINDOW = (0, 920)
+
+
+class SavedForBackward:
+    """Bytes of tensors autograd keeps for the backward pass (activation memory), counted once per storage."""
+
+    def __enter__(self):
+        self.seen, self.bytes = set(), 0
+
+        def pack(tensor):
+            key = (tensor.untyped_storage().data_ptr(), tensor.device)
+            if key not in self.seen:
+                self.seen.add(key)
+                self.bytes += tensor.untyped_storage().nbytes()
+            return tensor
+
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+class PeakRSS:
+    """Peak resident memory above the level at start, sampled every millisecond (CPU runs)."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.start
+
+
+def build_models(preset: str, device: torch.device, workdir: str):
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    from innercontrol import tiny
+    from innercontrol.conditions import get_condition
+
+    torch.manual_seed(0)
+    if preset == "tiny":
+        unet = UNet2DConditionModel(**tiny.UNET_CONFIG)
+        vae = AutoencoderKL(**tiny.VAE_CONFIG)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+        text_dim, projection_dim = tiny.UNET_CONFIG["cross_attention_dim"], 32
+        dpt = dict(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=64,
+            patch_size=16,
+            neck_hidden_sizes=[16, 16, 32, 32],
+            fusion_hidden_size=16,
+            backbone_out_indices=[0, 1, 2, 3],
+            head_in_index=-1,
+        )
+        depth = DPTForDepthEstimation(DPTConfig(**dpt))
+        from transformers import DPTImageProcessor
+
+        processor = DPTImageProcessor(size={"height": 64, "width": 64})
+    else:
+        unet = UNet2DConditionModel(**tiny.SD15_UNET_CONFIG)
+        vae = AutoencoderKL(**tiny.SD15_VAE_CONFIG)
+        controlnet = ControlNetModel.from_unet(unet)
+        text_dim, projection_dim = 768, 384
+        # DPT-Hybrid MiDaS architecture (the depth reward model), random weights.
+        config = DPTConfig(
+            is_hybrid=True, backbone_featmap_shape=[1, 1024, 24, 24], neck_hidden_sizes=[256, 512, 768, 768]
+        )
+        depth = DPTForDepthEstimation(config)
+        from transformers import DPTImageProcessor
+
+        processor = DPTImageProcessor(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    depth.save_pretrained(workdir)
+    processor.save_pretrained(workdir)
+    condition = get_condition("depth", model_path=workdir, device=str(device), purpose="reward")
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    return unet, vae, controlnet, condition, scheduler, text_dim, projection_dim
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--resolution", type=int, default=None, help="image size (tiny: 128, sd15: 512 on GPU)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per row (after one warm-up step)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the UNet and ControlNet")
+    parser.add_argument(
+        "--vae-gradient-checkpointing", action="store_true", help="also checkpoint the VAE decoder of the reward"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=None, help="append the table to this markdown file")
+    parser.add_argument("--profile", default="", help="comma-separated rows to profile for one step after the table")
+    args = parser.parse_args(argv)
+
+    from innercontrol.controlled_unet import ControlledUNet, tapped_channels
+    from innercontrol.losses import alignment_loss, diffusion_loss, diffusion_target, in_window, reward_loss
+    from innercontrol.probes import build_probe
+
+    device = torch.device(args.device)
+    resolution = args.resolution or (128 if args.preset == "tiny" else 512)
+    weight_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    workdir = tempfile.mkdtemp(prefix="step_cost_")
+    unet, vae, controlnet, condition, scheduler, text_dim, projection_dim = build_models(args.preset, device, workdir)
+    for frozen in (unet, vae):
+        frozen.requires_grad_(False).to(device, weight_dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        controlnet.enable_gradient_checkpointing()
+    if args.vae_gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    controlnet.to(device).train()
+    condition.to(device)
+    if condition.model is not None:
+        condition.model.to(weight_dtype)
+    model = ControlledUNet(unet, controlnet, tap="attn")
+    probe = build_probe(tapped_channels(unet, "attn"), projection_dim, unet.config.block_out_channels[0] * 4)
+    probe.requires_grad_(False).to(device, weight_dtype).eval()
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-5)
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.precision != "fp32")
+
+    generator = torch.Generator().manual_seed(args.seed)
+    b, latent = args.batch_size, resolution // 8
+    timestep_batches = [torch.randint(0, 1000, (b,), generator=generator) for _ in range(args.steps + 1)]
+    images = torch.rand(b, 3, resolution, resolution, generator=generator).to(device) * 2 - 1
+    controls = torch.rand(b, 3, resolution, resolution, generator=generator).to(device)
+    text = torch.randn(b, 77, text_dim, generator=generator).to(device, weight_dtype)
+    noise = torch.randn(b, 4, latent, latent, generator=generator).to(device)
+
+    def step(row: Row, timesteps: torch.Tensor) -> int:
+        timesteps = timesteps.to(device)
+        with torch.no_grad():
+            latents = vae.encode(images.to(weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
+        noisy = scheduler.add_noise(latents.float(), noise, timesteps.cpu()).to(weight_dtype)
+        with autocast, SavedForBackward() as saved:
+            out = model(noisy, timesteps, text, controls, tap="attn" if row.alignment else None)
+            loss = diffusion_loss(out.noise_pred, diffusion_target(scheduler, latents, noise, timesteps))
+            if row.reward:
+                term, _ = reward_loss(
+                    noisy,
+                    out.noise_pred,
+                    timesteps,
+                    controls,
+                    vae,
+                    condition,
+                    scheduler.alphas_cumprod,
+                    row.reward_window,
+                    subset=row.reward == "subset",
+                )
+                loss = loss + term
+            if row.alignment:
+                term, _ = alignment_loss(
+                    probe, out.features, out.time_embedding, controls, timesteps, condition, ALIGNMENT_WINDOW
+                )
+                loss = loss + term
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return saved.bytes
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = {row.key: [] for row in ROWS}
+    peaks = {row.key: 0 for row in ROWS}
+    activations = {row.key: 0 for row in ROWS}
+    for index, timesteps in enumerate(timestep_batches):
+        for row in ROWS:
+            sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            with PeakRSS() as rss:
+                start = time.perf_counter()
+                saved_bytes = step(row, timesteps)
+                sync()
+                elapsed = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else rss.extra
+            if index > 0:  # the first step of each row is a warm-up
+                times[row.key].append(elapsed)
+                peaks[row.key] = max(peaks[row.key], peak)
+                activations[row.key] = max(activations[row.key], saved_bytes)
+        print(f"step {index}/{args.steps} t={timesteps.tolist()}", flush=True)
+
+    busy = {}
+    if device.type == "cuda":
+        # Kernel time per step (sum over CUDA kernels, one profiled step per row over the same timesteps):
+        # what a row costs when the GPU, not the Python/launch side, is the bottleneck (slower GPUs).
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        for row in ROWS:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step(row, timestep_batches[1])
+                sync()
+            busy[row.key] = sum(e.device_time for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
+
+    timed = torch.stack(timestep_batches[1:])
+    in400 = in_window(timed, (0, 400)).float().sum(1).mean().item()
+    in200 = in_window(timed, (0, 200)).float().sum(1).mean().item()
+    mean = {k: sum(v) / len(v) for k, v in times.items()}
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    memory_kind = (
+        "peak CUDA memory above the resident models" if device.type == "cuda" else "peak RSS growth during the step"
+    )
+    lines = [
+        f"### preset {args.preset}, {resolution} px, batch {b}, {args.precision}, gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'} (VAE {'on' if args.vae_gradient_checkpointing else 'off'}), "
+        f"{device_name}",
+        "",
+        f"{args.steps} timed steps per row after one warm-up; mean in-window samples per batch: "
+        f"{in400:.2f} for t<=400, {in200:.2f} for t<=200. Memory: 'saved for backward' = largest total of tensors autograd kept for the backward pass (max over steps); "
+        f"'peak memory' = {memory_kind} (CUDA only). 'GPU kernel time' = sum of CUDA kernel durations in one "
+        f"profiled step (timesteps of the first timed step; CUDA only).",
+        "",
+        "| row | step | time/step (s) | x plain | extra over plain (s) | saved for backward (MiB) | x plain "
+        "| peak memory (MiB) | x plain | GPU kernel time (ms) | x plain |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def peak_cells(key: str) -> str:
+        if device.type != "cuda":
+            return "- | - | - | -"
+        return (
+            f"{peaks[key] / 2**20:.0f} | {peaks[key] / peaks['a']:.2f} | {busy[key]:.1f} | {busy[key] / busy['a']:.2f}"
+        )
+
+    for row in ROWS:
+        lines.append(
+            f"| {row.key} | {row.label} | {mean[row.key]:.3f} | {mean[row.key] / mean['a']:.2f} | "
+            f"{mean[row.key] - mean['a']:+.3f} | {activations[row.key] / 2**20:.0f} | "
+            f"{activations[row.key] / max(activations['a'], 1):.2f} | {peak_cells(row.key)} |"
+        )
+    extra = {k: mean[k] - mean["a"] for k in mean}
+    checks = [
+        ("alignment adds <= 10% to the plain step", mean["d"] / mean["a"] <= 1.10, f"{mean['d'] / mean['a']:.3f}x"),
+        ("full InnerControl <= 1.5x plain", mean["e"] / mean["a"] <= 1.5, f"{mean['e'] / mean['a']:.3f}x"),
+        (
+            "subset reward <= 1/3 of whole-batch reward at t<=200",
+            extra["c200"] <= extra["b200"] / 3,
+            f"{extra['c200']:.3f} s vs {extra['b200']:.3f} s ({extra['c200'] / max(extra['b200'], 1e-9):.2f})",
+        ),
+    ]
+    if busy:
+        reward_busy = {k: busy[k] - busy["a"] for k in busy}
+        checks += [
+            ("GPU kernel time: alignment adds <= 10%", busy["d"] / busy["a"] <= 1.10, f"{busy['d'] / busy['a']:.3f}x"),
+            ("GPU kernel time: full <= 1.5x plain", busy["e"] / busy["a"] <= 1.5, f"{busy['e'] / busy['a']:.3f}x"),
+            (
+                "GPU kernel time: subset reward <= 1/3 of whole-batch at t<=200 (profiled step: "
+                f"{int(in_window(timestep_batches[1], (0, 200)).sum())} of {b} in window)",
+                reward_busy["c200"] <= reward_busy["b200"] / 3,
+                f"{reward_busy['c200']:.1f} ms vs {reward_busy['b200']:.1f} ms",
+            ),
+        ]
+    lines += ["", "| target | met | measured |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {'yes' if ok else 'NO'} | {value} |" for name, ok, value in checks]
+    table = "\n".join(lines)
+    print(table)
+    if args.output:
+        with open(args.output, "a") as f:
+            f.write(table + "\n\n")
+    for key in filter(None, args.profile.split(",")):
+        from torch.profiler import ProfilerActivity, profile
+
+        row = next(r for r in ROWS if r.key == key)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            step(row, timestep_batches[1])
+            sync()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"profile of row {key} ({row.label}), t={timestep_batches[1].tolist()}")
+        print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
