@@ -83,7 +83,7 @@ def reward_loss(
     """
     mask = in_window(timesteps, window)
     count = int(mask.sum())
-    if count == 0:
+    if count == 0 and subset:
         return _zero(model_pred), 0
     if subset:
         index = mask.nonzero(as_tuple=True)[0]
@@ -100,7 +100,7 @@ def reward_loss(
     losses = per_sample_mse(predicted_control, control)
     if not subset:
         losses = losses * mask.float()
-    return losses.sum() / count, count
+    return losses.sum() / max(count, 1), count
 
 
 def alignment_loss(
@@ -123,11 +123,16 @@ def alignment_loss(
         return _zero(control), 0
     index = mask.nonzero(as_tuple=True)[0]
     prediction = probe([f[index] for f in features], time_embedding[index])
+    return alignment_error(prediction, control[index], condition).mean(), count
+
+
+def alignment_error(prediction: torch.Tensor, control: torch.Tensor, condition) -> torch.Tensor:
+    """Per-sample alignment MSE of a probe output (in [-1, 1]) against the control, in the condition's normalisation."""
     prediction = condition.normalize_probe_output((prediction.float() + 1) / 2)
-    label = condition.normalize_label(control[index].float())
+    label = condition.normalize_label(control.float())
     if prediction.shape[-2:] != label.shape[-2:]:
         prediction = F.interpolate(prediction, size=label.shape[-2:], mode="bilinear", align_corners=False)
-    return per_sample_mse(prediction, label).mean(), count
+    return per_sample_mse(prediction, label)
 
 
 @dataclass

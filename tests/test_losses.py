@@ -103,6 +103,9 @@ def test_reward_with_no_in_window_sample_costs_no_decode():
     loss, count = reward_loss(vae=vae, condition=condition, window=(0, 200), **case)
     assert count == 0 and loss.item() == 0.0
     assert vae.decoded == [] and calls == []
+    # The anchors' way decodes the whole batch whatever the window holds, and masks everything out.
+    whole, whole_count = reward_loss(vae=vae, condition=condition, window=(0, 200), subset=False, **case)
+    assert whole_count == 0 and whole.item() == 0.0 and vae.decoded == [2]
 
 
 class FixedProbe:
