@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean figures
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,3 +32,6 @@ format: $(VENV)/.installed
 
 clean:
 	rm -rf outputs .pytest_cache
+
+figures: $(VENV)/.installed
+	$(PY) scripts/make_figures.py

@@ -1,6 +1,8 @@
-"""Control maps for a folder of images, computed with a registered condition model.
+"""Control maps for a folder of images or a dataset, computed with a registered condition model.
 
     python -m innercontrol.annotate --condition hed --input data/images --output data/hed --device cuda
+    python -m innercontrol.annotate --condition lineart --input limingcv/MultiGen-20M_canny_eval --split validation \
+        --output data/lineart_eval                      # a dataset: hub id, parquet, save_to_disk or imagefolder
     python -m innercontrol.annotate --condition depth --input data/images --output data/depth --model DIR
     python -m innercontrol.annotate --condition canny --input data/images --output data/canny --resolution 64 --device cpu
 
@@ -9,7 +11,8 @@ when the map's three channels agree (all built-in conditions), RGB otherwise. Ou
 interrupted run resumes where it stopped; each PNG is written under a temporary name and renamed into place, so a
 half-written file is never mistaken for a finished one. Unreadable images are skipped and listed at the end.
 
-Input is a folder for now: datasets (hub ids, parquet, save_to_disk folders) will come through innercontrol.data.
+A dataset (anything data.dataset accepts; --dataset forces this for a folder that also holds images) is read
+through innercontrol.data; each row becomes OUTPUT/<row id>.png (the row index, or the image hash when streamed).
 """
 
 from __future__ import annotations
@@ -116,6 +119,29 @@ def annotate_folder(
     return result
 
 
+@torch.inference_mode()
+def annotate_dataset(condition, data_cfg, output_dir: Path, batch_size: int = 8, device: str = "cpu") -> AnnotateResult:
+    """Compute condition(image) for every row of a dataset (one pass, in order) that has no output yet."""
+    from tqdm import tqdm
+
+    from innercontrol.data import build_dataloader
+
+    result = AnnotateResult()
+    loader = build_dataloader(data_cfg, batch_size, shuffle=False, infinite=False, num_workers=0)
+    for batch in tqdm(loader, desc=f"{condition.name} maps", unit="batch"):
+        targets = [output_dir / f"{str(row).replace('/', '_').replace(':', '-')}.png" for row in batch["row_id"]]
+        todo = [i for i, target in enumerate(targets) if not target.exists()]
+        result.already_done += [str(targets[i]) for i in range(len(targets)) if i not in todo]
+        if not todo:
+            continue
+        images = (batch["pixel_values"][todo].to(device) + 1) / 2
+        for index, control in zip(todo, condition(images)):
+            save_map(control, targets[index])
+            result.written.append(str(targets[index]))
+    result.unreadable = [str(row) for row in loader.stats.bad_row_ids]
+    return result
+
+
 def _clashing_outputs(targets: dict[Path, Path]) -> list[str]:
     seen: dict[Path, Path] = {}
     clashes = []
@@ -142,7 +168,13 @@ def main(argv: Optional[list[str]] = None) -> AnnotateResult:
     )
     parser.add_argument("--trust-pickle", action="store_true", help="allow a .pth that needs full unpickling")
     # input and output
-    parser.add_argument("--input", required=True, help="folder of images (png, jpg, jpeg, webp; searched recursively)")
+    parser.add_argument(
+        "--input", required=True, help="folder of images (png, jpg, jpeg, webp; searched recursively) or a dataset"
+    )
+    parser.add_argument("--dataset", action="store_true", help="read --input as a dataset even if it holds images")
+    parser.add_argument("--split", default="train", help="dataset split (dataset input)")
+    parser.add_argument("--image-column", default="image", help="dataset image column (dataset input)")
+    parser.add_argument("--caption-column", default="text", help="dataset caption column (dataset input)")
     parser.add_argument("--output", required=True, help="folder for the PNG maps (created; existing maps are kept)")
     parser.add_argument("--resolution", type=int, default=512, help="resize images to R x R first; 0 = keep size")
     # how
@@ -151,15 +183,32 @@ def main(argv: Optional[list[str]] = None) -> AnnotateResult:
     args = parser.parse_args(argv)
 
     input_dir, output_dir = Path(args.input), Path(args.output)
-    if not input_dir.is_dir():
+    if not input_dir.exists() and (args.input.startswith(("/", ".", "~")) or args.input.count("/") != 1):
         parser.error(
-            f"--input {args.input} is not a folder; only image folders are supported for now "
-            "(dataset input will come through innercontrol.data)"
+            f"--input {args.input} does not exist: pass a folder of images or a dataset (hub id owner/name, "
+            "parquet file or folder, save_to_disk folder)"
         )
+    from_folder = not args.dataset and input_dir.is_dir() and bool(find_images(input_dir))
     condition = get_condition(
         args.condition, model_path=args.model, device=args.device, purpose=args.purpose, trust_pickle=args.trust_pickle
     )
-    result = annotate_folder(condition, input_dir, output_dir, args.batch_size, args.resolution, args.device)
+    if from_folder:
+        result = annotate_folder(condition, input_dir, output_dir, args.batch_size, args.resolution, args.device)
+    else:
+        from innercontrol.config import DataConfig
+
+        if not args.resolution:
+            parser.error("dataset input needs --resolution > 0 (rows are batched at one size)")
+        data_cfg = DataConfig(
+            dataset=args.input,
+            split=args.split,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            control_column=None,
+            resolution=args.resolution,
+            num_workers=0,
+        )
+        result = annotate_dataset(condition, data_cfg, output_dir, args.batch_size, args.device)
     print(
         f"wrote {len(result.written)} maps to {output_dir}, {len(result.already_done)} already there, "
         f"{len(result.unreadable)} unreadable"

@@ -32,6 +32,8 @@ class ModelConfig:
     # Decoder features the probe reads: "attn" (InnerControl) or "conv" (Readout Guidance).
     tap: str = "attn"
     gradient_checkpointing: bool = False
+    # Also checkpoint the VAE decoder that the reward loss backpropagates through (less memory, ~+30% reward cost).
+    vae_gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -250,3 +252,8 @@ def describe_schema() -> str:
             value = OmegaConf.to_container(value) if not isinstance(value, str) else value
         rows.append(f"| `{key}` | `{value}` |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    # python -m innercontrol.config: the configuration reference table (pasted into the README by a test check)
+    print(describe_schema())

@@ -227,6 +227,8 @@ def train(cfg) -> Path:
     if cfg.model.gradient_checkpointing:
         sd.unet.enable_gradient_checkpointing()
         controlnet.enable_gradient_checkpointing()
+    if cfg.model.vae_gradient_checkpointing:
+        sd.vae.enable_gradient_checkpointing()
     for module in (sd.unet, sd.vae, sd.text_encoder):
         module.to(device, dtype=weight_dtype)
     condition = None
@@ -378,8 +380,15 @@ def train(cfg) -> Path:
         summary = {"steps": global_step, "controlnet": str(output_dir / "controlnet"), "data": vars(loader.stats)}
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         logger.info("final ControlNet: %s (EMA: %s)", output_dir / "controlnet", output_dir / "controlnet_ema")
-    accelerator.end_training()
+    finish(accelerator)
     return output_dir
+
+
+def finish(accelerator) -> None:
+    """Wait for the main process's final writes, then end together (end_training closes the trackers and the
+    process group): a process that exits while the others still use the group can abort them."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

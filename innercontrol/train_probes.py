@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from innercontrol.checkpoints import find_checkpoint, load_checkpoint, save_chec
 from innercontrol.config import load_config
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
 from innercontrol.models import encode_prompts, load_controlnet, load_stable_diffusion
-from innercontrol.train import compute_control
+from innercontrol.train import compute_control, finish
 
 logger = logging.getLogger("innercontrol.train_probes")
 BUCKETS = [(start, start + 99) for start in range(0, 1000, 100)]
@@ -232,11 +233,24 @@ def train_probe(cfg) -> Path:
     progress.close()
 
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            return report_and_save(cfg, accelerator, sd, model, probe, condition, step, label_sum, label_count)
         return Path(cfg.probe.path)
-    probe = accelerator.unwrap_model(probe).eval()
+    finally:
+        finish(accelerator)
+
+
+def report_and_save(cfg, accelerator, sd, model, probe, condition, step, label_sum, label_count) -> Path:
+    """Main process: accuracy vs timestep on held-out data, collapse check, then save the probe and its report."""
     from omegaconf import OmegaConf
 
+    from innercontrol.data import build_dataloader
+
+    device = accelerator.device
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.optim.mixed_precision]
+    empty = encode_prompts(sd.tokenizer, sd.text_encoder, [""], device).to(dtype)
+    probe = accelerator.unwrap_model(probe).eval()
     # Held-out rows: the eval set, up to probe.eval_samples of them (eval.max_samples bounds generation only).
     held_out_cfg = OmegaConf.merge(cfg.eval, {"max_samples": cfg.probe.eval_samples})
     held = build_dataloader(
@@ -260,7 +274,9 @@ def train_probe(cfg) -> Path:
     target = Path(cfg.probe.path if not collapsed else f"{cfg.probe.path}.collapsed")
     probe.config.extra.update({"steps": step, "loss": cfg.probe.loss, "held_out_output_std": output_std})
     probe.save_pretrained(target)
+    command = " ".join(["python -m innercontrol.train_probes", *sys.argv[1:]])
     header = (
+        f"Made by `{command}`.\n\n"
         f"Probe accuracy vs timestep: condition {cfg.condition.name}, tap {cfg.model.tap}, {step} steps, "
         f"loss {cfg.probe.loss}, {len(held_images)} held-out samples of {held_out_cfg.dataset} "
         f"({held_out_cfg.split}); mean-map baseline = mean label over {label_count} training samples seen."

@@ -63,7 +63,7 @@ def test_help_has_an_example_and_folder_is_required(tmp_path, capsys):
     assert "python -m innercontrol.annotate --condition" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--condition", "canny", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
-    assert "innercontrol.data" in capsys.readouterr().err
+    assert "does not exist: pass a folder of images or a dataset" in capsys.readouterr().err
 
 
 def test_model_flag_reaches_the_condition(image_folder, tmp_path):
@@ -74,3 +74,15 @@ def test_model_flag_reaches_the_condition(image_folder, tmp_path):
     argv = ["--condition", "lineart", "--model", str(checkpoint), "--input", str(image_folder), "--output", str(out)]
     result = main([*argv, "--resolution", "32", "--device", "cpu"])
     assert len(result.written) == 3 and Image.open(out / "b.png").mode == "L"
+
+
+def test_dataset_input_writes_one_map_per_row_and_resumes(tmp_path):
+    from innercontrol.annotate import main
+    from innercontrol.synthetic import write_synthetic
+
+    data = write_synthetic(tmp_path / "synthetic", num=6, resolution=32, seed=0, val_fraction=0.0)
+    args = ["--condition", "canny", "--input", str(data), "--output", str(tmp_path / "maps"), "--resolution", "32"]
+    first = main(args + ["--batch-size", "4", "--device", "cpu"])
+    assert sorted(Path(p).name for p in first.written) == [f"{i}.png" for i in range(6)]
+    second = main(args + ["--batch-size", "4", "--device", "cpu"])
+    assert second.written == [] and len(second.already_done) == 6

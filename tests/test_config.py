@@ -77,3 +77,11 @@ def test_yaml_bool_words_stay_strings_on_the_command_line():
     cfg = load_config(None, ["optim.mixed_precision=no", "eval.mixed_precision=no", "probe.trust_pickle=yes"])
     assert cfg.optim.mixed_precision == "no" and cfg.eval.mixed_precision == "no"
     assert cfg.probe.trust_pickle is True
+
+
+def test_readme_configuration_reference_is_current():
+    readme = (CONFIGS.parent / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
+    assert start in readme and end in readme
+    table = readme.split(start, 1)[1].split(end, 1)[0]
+    assert table == describe_schema(), "README out of date: paste the output of `python -m innercontrol.config`"
