@@ -113,26 +113,10 @@ def build_models(preset: str, device: torch.device, workdir: str):
 
     torch.manual_seed(0)
     if preset == "tiny":
-        unet = UNet2DConditionModel(**tiny.UNET_CONFIG)
-        vae = AutoencoderKL(**tiny.VAE_CONFIG)
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+        pipe = tiny.build_tiny_pipeline()
+        unet, vae, controlnet = pipe.unet, pipe.vae, pipe.controlnet
         text_dim, projection_dim = tiny.UNET_CONFIG["cross_attention_dim"], 32
-        dpt = dict(
-            hidden_size=32,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            intermediate_size=64,
-            image_size=64,
-            patch_size=16,
-            neck_hidden_sizes=[16, 16, 32, 32],
-            fusion_hidden_size=16,
-            backbone_out_indices=[0, 1, 2, 3],
-            head_in_index=-1,
-        )
-        depth = DPTForDepthEstimation(DPTConfig(**dpt))
-        from transformers import DPTImageProcessor
-
-        processor = DPTImageProcessor(size={"height": 64, "width": 64})
+        depth, processor = tiny.build_tiny_dpt()
     else:
         unet = UNet2DConditionModel(**tiny.SD15_UNET_CONFIG)
         vae = AutoencoderKL(**tiny.SD15_VAE_CONFIG)

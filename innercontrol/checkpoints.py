@@ -81,6 +81,17 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict]:
     return state, json.loads(data_file.read_text())
 
 
+def resume(accelerator, output_dir, resume_from: str | None, loader) -> tuple[int, Path | None]:
+    """Restore the run from `logging.resume` (None, "latest" or a folder) into accelerate's objects and the data
+    loader; returns (step, checkpoint folder), (0, None) for a fresh start."""
+    checkpoint = find_checkpoint(output_dir, resume_from)
+    if checkpoint is None:
+        return 0, None
+    state, data_state = load_checkpoint(accelerator, checkpoint)
+    loader.load_state_dict(data_state)
+    return int(state["step"]), checkpoint
+
+
 def save_model_atomically(model, folder: str | Path) -> Path:
     """save_pretrained into a temporary folder, then rename over `folder`."""
     folder = Path(folder)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from innercontrol.state_dicts import mismatches
+
 CONFIG_NAME = "probe_config.json"
 WEIGHTS_NAME = "probe.safetensors"
 
@@ -227,22 +229,10 @@ def _load_published(file: Path, trust_pickle: bool, map_location: str) -> Contro
 
 
 def _load_strict(probe: ControlProbe, state: dict[str, torch.Tensor], source: Path) -> None:
-    expected = probe.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if wrong:
-            parts.append(f"shape mismatches {wrong[:5]}{' ...' if len(wrong) > 5 else ''}")
+    found = mismatches(probe.state_dict(), state)
+    labels = {"missing": "missing keys", "unexpected": "unexpected keys", "shape": "shape mismatches"}
+    parts = [f"{labels[kind]} {items[:5]}{' ...' if len(items) > 5 else ''}" for kind, items in found.items() if items]
+    if parts:
         raise ProbeLoadError(f"probe checkpoint '{source}' does not match its config: " + "; ".join(parts))
     probe.load_state_dict(state, strict=True)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from innercontrol.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint, save_model_atomically
+from innercontrol.checkpoints import resume, save_checkpoint, save_model_atomically
 from innercontrol.config import load_config
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
 from innercontrol.losses import LossWeights, diffusion_target, innercontrol_objective
@@ -278,12 +278,8 @@ def train(cfg) -> Path:
         seed=cfg.seed,
     )
 
-    global_step = 0
-    checkpoint = find_checkpoint(output_dir, cfg.logging.resume)
+    global_step, checkpoint = resume(accelerator, output_dir, cfg.logging.resume, loader)
     if checkpoint is not None:
-        state, data_state = load_checkpoint(accelerator, checkpoint)
-        loader.load_state_dict(data_state)
-        global_step = int(state["step"])
         logger.info("resumed from %s at step %d", checkpoint, global_step)
     elif cfg.logging.resume == "latest":
         logger.info("logging.resume=latest: no checkpoint in %s yet, starting fresh", output_dir)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from innercontrol.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
+from innercontrol.checkpoints import resume, save_checkpoint
 from innercontrol.config import load_config
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
 from innercontrol.models import encode_prompts, load_controlnet, load_stable_diffusion
@@ -189,12 +189,7 @@ def train_probe(cfg) -> Path:
     loader = build_dataloader(
         cfg.data, cfg.probe.batch_size, accelerator.process_index, accelerator.num_processes, seed=cfg.seed
     )
-    step = 0
-    checkpoint = find_checkpoint(output_dir, cfg.logging.resume)
-    if checkpoint is not None:
-        state, data_state = load_checkpoint(accelerator, checkpoint)
-        loader.load_state_dict(data_state)
-        step = int(state["step"])
+    step, _ = resume(accelerator, output_dir, cfg.logging.resume, loader)
 
     empty = encode_prompts(sd.tokenizer, sd.text_encoder, [""], device).to(dtype)
     label_sum, label_count = None, 0

@@ -112,7 +112,7 @@ def test_mismatched_checkpoints_name_key_and_shapes(name, checkpoints, tmp_path)
     wrong[key] = torch.zeros(3, 3)
     torch.save(wrong, tmp_path / "wrong.pth")
     with pytest.raises(
-        CheckpointError, match=rf"{key}: expected \[{', '.join(map(str, spec_shapes[key]))}\], found \[3, 3\]"
+        CheckpointError, match=rf"{key}: expected \({', '.join(map(str, spec_shapes[key]))}\), found \(3, 3\)"
     ):
         get_condition(name, model_path=str(tmp_path / "wrong.pth"))
 

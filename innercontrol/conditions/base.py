@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from innercontrol.hub import HubUnreachableError, resolve_file
+from innercontrol.state_dicts import mismatches
 
 EPS = 1e-6  # guards every per-sample division (a constant map has max == min)
 PURPOSES = ("reward", "eval")
@@ -187,13 +188,9 @@ def load_checkpoint(
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a state dict (key -> tensor); {source}")
     expected = module.state_dict()
-    missing = [f"{k} (expected {list(expected[k].shape)})" for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: expected {list(expected[k].shape)}, found {list(state[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
+    found = mismatches(expected, state)
+    missing = [f"{k} (expected {list(expected[k].shape)})" for k in found["missing"]]
+    unexpected, mismatched = found["unexpected"], found["shape"]
     if missing or unexpected or mismatched:
         problems = []
         if missing:
