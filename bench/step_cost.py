@@ -21,7 +21,6 @@ import argparse
 import os
 import platform
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 
@@ -70,38 +69,6 @@ class SavedForBackward:
 
     def __exit__(self, *exc):
         self.hooks.__exit__(*exc)
-
-
-class PeakRSS:
-    """Peak resident memory above the level at start, sampled every millisecond (CPU runs)."""
-
-    def __init__(self):
-        self.page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def __enter__(self):
-        self.start = self.peak = self._rss()
-        self.running = True
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-        return self
-
-    def _poll(self):
-        while self.running:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def extra(self) -> int:
-        return self.peak - self.start
 
 
 def build_models(preset: str, device: torch.device, workdir: str):
@@ -235,12 +202,11 @@ def main(argv=None) -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            with PeakRSS() as rss:
-                start = time.perf_counter()
-                saved_bytes = step(row, timesteps)
-                sync()
-                elapsed = time.perf_counter() - start
-            peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else rss.extra
+            start = time.perf_counter()
+            saved_bytes = step(row, timesteps)
+            sync()
+            elapsed = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else 0
             if index > 0:  # the first step of each row is a warm-up
                 times[row.key].append(elapsed)
                 peaks[row.key] = max(peaks[row.key], peak)
@@ -269,9 +235,6 @@ def main(argv=None) -> None:
         if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     )
-    memory_kind = (
-        "peak CUDA memory above the resident models" if device.type == "cuda" else "peak RSS growth during the step"
-    )
     lines = [
         f"### preset {args.preset}, {resolution} px, batch {b}, {args.precision}, gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'} (VAE {'on' if args.vae_gradient_checkpointing else 'off'}), "
@@ -279,8 +242,8 @@ def main(argv=None) -> None:
         "",
         f"{args.steps} timed steps per row after one warm-up; mean in-window samples per batch: "
         f"{in400:.2f} for t<=400, {in200:.2f} for t<=200. Memory: 'saved for backward' = largest total of tensors autograd kept for the backward pass (max over steps); "
-        f"'peak memory' = {memory_kind} (CUDA only). 'GPU kernel time' = sum of CUDA kernel durations in one "
-        f"profiled step (timesteps of the first timed step; CUDA only).",
+        "'peak memory' = peak CUDA memory above the resident models; 'GPU kernel time' = sum of CUDA kernel "
+        "durations in one profiled step (timesteps of the first timed step); both CUDA only.",
         "",
         "| row | step | time/step (s) | x plain | extra over plain (s) | saved for backward (MiB) | x plain "
         "| peak memory (MiB) | x plain | GPU kernel time (ms) | x plain |",

@@ -37,6 +37,7 @@ from PIL import Image
 
 from innercontrol import metrics
 from innercontrol.config import ConfigError, load_config
+from innercontrol.distributed import finish
 from innercontrol.hub import resolve_model
 from innercontrol.report import (
     GRID_ROWS,
@@ -50,7 +51,6 @@ from innercontrol.report import (
     write_readout,
     write_text,
 )
-from innercontrol.train import finish
 
 METRIC_CHOICES = ("control", "clip", "fid", "all")
 MAX_IMAGES_PER_PROMPT = 1024  # the seed formula keeps (index, group) distinct below this

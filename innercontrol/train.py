@@ -1,7 +1,7 @@
 """Aligned ControlNet training: InnerControl, and by config the ControlNet++ and plain ControlNet baselines.
 
     accelerate launch --config_file train/config.yml -m innercontrol.train --config configs/depth.yaml
-    python -m innercontrol.train --config configs/tiny.yaml                      # offline CPU run (tiny default)
+    python -m innercontrol.train --config configs/tiny.yaml        # offline CPU run, after `make demo` wrote outputs/demo
     python -m innercontrol.train --config configs/hed.yaml loss.alignment_weight=0   # ControlNet++ baseline
     python -m innercontrol.train --config configs/hed.yaml loss.alignment_weight=0 loss.reward_weight=0  # plain
 
@@ -30,6 +30,7 @@ import torch
 from innercontrol.checkpoints import resume, save_checkpoint, save_model_atomically
 from innercontrol.config import load_config
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
+from innercontrol.distributed import finish
 from innercontrol.losses import LossWeights, diffusion_target, innercontrol_objective
 from innercontrol.models import encode_prompts, load_controlnet, load_stable_diffusion
 
@@ -378,13 +379,6 @@ def train(cfg) -> Path:
         logger.info("final ControlNet: %s (EMA: %s)", output_dir / "controlnet", output_dir / "controlnet_ema")
     finish(accelerator)
     return output_dir
-
-
-def finish(accelerator) -> None:
-    """Wait for the main process's final writes, then end together (end_training closes the trackers and the
-    process group): a process that exits while the others still use the group can abort them."""
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
 
 
 if __name__ == "__main__":

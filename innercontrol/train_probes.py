@@ -1,7 +1,7 @@
 """Probe pretraining: teach the aggregation network to read the control map from the frozen UNet's decoder.
 
     accelerate launch -m innercontrol.train_probes --config configs/probe_depth.yaml
-    python -m innercontrol.train_probes --config configs/tiny.yaml probe.max_steps=300      # offline CPU run
+    python -m innercontrol.train_probes --config configs/tiny.yaml probe.max_steps=300   # CPU, after `make demo`
 
 Frozen SD (and, with probe.use_controlnet=true, the frozen model.controlnet); t uniform over the whole schedule;
 one UNet pass per sample (the empty prompt by default, as Readout Guidance); loss between the probe's map mapped
@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from innercontrol.checkpoints import resume, save_checkpoint
 from innercontrol.config import load_config
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
+from innercontrol.distributed import finish
 from innercontrol.models import encode_prompts, load_controlnet, load_stable_diffusion
-from innercontrol.train import compute_control, finish
+from innercontrol.train import compute_control
 
 logger = logging.getLogger("innercontrol.train_probes")
 BUCKETS = [(start, start + 99) for start in range(0, 1000, 100)]

@@ -223,3 +223,36 @@ def test_two_process_accelerate_launch(workspace):
 
     ControlNetModel.from_pretrained(out / "controlnet")
     assert (out / "validation" / "step-000004.png").is_file()
+
+
+def test_controlnet_from_unet_when_none_is_given(workspace):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    out = workspace["root"] / "from_unet"
+    run_train(overrides(workspace, out, 2, "model.controlnet=null", "loss.reward_weight=0", "loss.alignment_weight=0"))
+    net = ControlNetModel.from_pretrained(out / "controlnet")
+    unet = UNet2DConditionModel.from_pretrained(workspace["tiny"], subfolder="unet")
+    assert list(net.config.block_out_channels) == list(unet.config.block_out_channels)
+    # from_unet copies the UNet's encoder: after 2 small steps it is still close to it, but trained.
+    copied = net.down_blocks[0].resnets[0].conv1.weight
+    original = unet.down_blocks[0].resnets[0].conv1.weight
+    assert torch.allclose(copied, original, atol=1e-2) and not torch.equal(copied, original)
+
+
+def test_controls_computed_on_the_fly_for_image_conditions(workspace):
+    # canny has no stored control column: the training step computes it from the images (and rewards with it).
+    out = workspace["root"] / "canny"
+    run_train(
+        overrides(
+            workspace,
+            out,
+            2,
+            "condition.name=canny",
+            "condition.reward_model=null",
+            "data.control_column=null",
+            "loss.alignment_weight=0",
+            "logging.validation_every=2",
+        )
+    )
+    assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "validation" / "step-000002.png").is_file()
