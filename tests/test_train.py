@@ -256,3 +256,32 @@ def test_controls_computed_on_the_fly_for_image_conditions(workspace):
     )
     assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (out / "validation" / "step-000002.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["hed", "lineart"])
+def test_training_with_annotator_rewards_updates_the_controlnet(workspace, name):
+    # Random weights in the published architectures (spec files): the reward's gradient reaches the ControlNet.
+    spec = json.loads((Path(__file__).resolve().parent / "specs" / f"{name}.json").read_text())
+    weights_file = workspace["root"] / f"{name}.pth"
+    torch.manual_seed(0)
+    torch.save({k: torch.randn(shape) * 0.05 for k, shape in spec["state_dict"].items()}, weights_file)
+    runs = {}
+    for reward in (1, 0):
+        out = workspace["root"] / f"reward_{name}_{reward}"
+        run_train(
+            overrides(
+                workspace,
+                out,
+                2,  # the first step has lr 0 (warm-up starts at 0)
+                f"condition.name={name}",
+                f"condition.reward_model={weights_file}",
+                "data.control_column=null",
+                "loss.alignment_weight=0",
+                "loss.reward_window=[0,999]",
+                f"loss.reward_weight={reward}",
+            )
+        )
+        assert json.loads((out / "summary.json").read_text())["steps"] == 2
+        runs[reward] = weights(out / "controlnet")
+    # Same seed and data: the runs differ only by the reward term, so its gradient changed the ControlNet.
+    assert any(not torch.allclose(runs[1][k], runs[0][k], atol=1e-7) for k in runs[1])
