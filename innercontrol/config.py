@@ -242,6 +242,13 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.caption_dropout must lie in [0, 1], got {cfg.data.caption_dropout}")
 
 
+def precision_dtype(mixed_precision: str):
+    """torch dtype of a mixed-precision setting ("no", "fp16", "bf16"; validated by load_config)."""
+    import torch
+
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
 def describe_schema() -> str:
     """Markdown table of every key with its default (for the README's configuration reference)."""
     defaults = OmegaConf.structured(Config)

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from innercontrol import metrics
-from innercontrol.config import ConfigError, load_config
+from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.distributed import finish
 from innercontrol.hub import resolve_model
 from innercontrol.report import (
@@ -47,6 +47,7 @@ from innercontrol.report import (
     report_markdown,
     save_png,
     summarize,
+    to_pil,
     write_per_sample,
     write_readout,
     write_text,
@@ -58,12 +59,6 @@ MAX_IMAGES_PER_PROMPT = 1024  # the seed formula keeps (index, group) distinct b
 
 # ---------------------------------------------------------------------------------------------------------------
 # Files: every image is written to a temporary name and renamed, so an interrupted run leaves no half-written PNG.
-
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """(3,H,W) float in [0,1] -> RGB PIL image."""
-    array = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
 
 
 def load_images(paths: list[Path]) -> torch.Tensor:
@@ -187,7 +182,7 @@ def resolve_controlnet(name_or_path: str) -> str:
 def pipeline_dtype(cfg, device: torch.device) -> torch.dtype:
     if device.type != "cuda":
         return torch.float32  # half precision on the CPU is slow or unsupported
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[cfg.eval.mixed_precision]
+    return precision_dtype(cfg.eval.mixed_precision)
 
 
 def load_pipeline(cfg, controlnet: str, device: torch.device, dtype: torch.dtype):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 
 class HubUnreachableError(RuntimeError):
@@ -60,7 +59,3 @@ def resolve_file(repo_id: str, filename: str, what: str, config_key: str) -> str
         raise HubUnreachableError(
             f"the hub is unreachable for {what} '{repo_id}/{filename}' ({type(err).__name__}); {hint}"
         ) from None
-
-
-def is_local(name_or_path: str) -> bool:
-    return Path(name_or_path).expanduser().exists()

@@ -17,6 +17,14 @@ GRID_ROWS = 4
 GRID_CELL = 256
 
 
+def to_pil(x) -> Image.Image:
+    """(3,H,W) float tensor in [0,1] -> RGB PIL image."""
+    import torch
+
+    array = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
 def image_path(out: Path, group: int, index: int) -> Path:
     return out / "images" / f"group_{group}" / f"{index}.png"
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from innercontrol.checkpoints import resume, save_checkpoint, save_model_atomically
-from innercontrol.config import load_config
+from innercontrol.config import load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
 from innercontrol.distributed import finish
 from innercontrol.losses import LossWeights, diffusion_target, innercontrol_objective
@@ -118,6 +118,8 @@ def validation_grid(cfg, sd, controlnet, condition, controls, captions, device, 
     from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
     from PIL import Image
 
+    from innercontrol.report import to_pil
+
     pipe = StableDiffusionControlNetPipeline(
         vae=sd.vae,
         text_encoder=sd.text_encoder,
@@ -144,7 +146,7 @@ def validation_grid(cfg, sd, controlnet, condition, controls, captions, device, 
                 generator=torch.Generator(device="cpu").manual_seed(cfg.seed + index),
                 output_type="pil",
             ).images[0]
-            control_image = Image.fromarray((control.permute(1, 2, 0).float().cpu().numpy() * 255).astype("uint8"))
+            control_image = to_pil(control)
             rows.append((control_image.resize(image.size), image))
     grid = Image.new("RGB", (2 * size, size * len(rows)))
     for row, (control_image, image) in enumerate(rows):
@@ -218,7 +220,7 @@ def train(cfg) -> Path:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     device = accelerator.device
     set_seed(cfg.seed + accelerator.process_index)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.optim.mixed_precision]
+    weight_dtype = precision_dtype(cfg.optim.mixed_precision)
     weights = LossWeights.from_config(cfg.loss)
     needs_condition = weights.reward_weight > 0 or weights.alignment_weight > 0 or cfg.data.control_column is None
 
@@ -315,11 +317,12 @@ def train(cfg) -> Path:
             batch = next(data)
             with accelerator.accumulate(controlnet):
                 terms = training_step(batch, sd, model, condition, probe, weights, weight_dtype, device)
-                bad = [k for k in LOSS_TERMS if k in terms and not math.isfinite(terms[k].item())]
+                values = {k: terms[k].item() for k in LOSS_TERMS if k in terms}
+                bad = [k for k, v in values.items() if not math.isfinite(v)]
                 flags = torch.tensor([float(bool(bad)), float(stop.requested)], device=device)
                 flags = accelerator.reduce(flags, reduction="sum") if accelerator.num_processes > 1 else flags
                 if flags[0] > 0:
-                    found = ", ".join(f"{k}={terms[k].item()}" for k in bad) or "on another process"
+                    found = ", ".join(f"{k}={values[k]}" for k in bad) or "on another process"
                     raise NonFiniteLossError(
                         f"non-finite loss at step {global_step + 1} ({found}); the run stops without saving, so "
                         f"the last good checkpoint stays the latest (resume with logging.resume=latest, perhaps "
@@ -331,8 +334,8 @@ def train(cfg) -> Path:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            for term in LOSS_TERMS:
-                sums[term] += terms[term].item() if term in terms else 0.0
+            for term, value in values.items():
+                sums[term] += value
             micro_batches += 1
             if not accelerator.sync_gradients:
                 continue

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from innercontrol.checkpoints import resume, save_checkpoint
-from innercontrol.config import load_config
+from innercontrol.config import load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
 from innercontrol.distributed import finish
 from innercontrol.models import encode_prompts, load_controlnet, load_stable_diffusion
@@ -167,7 +167,7 @@ def train_probe(cfg) -> Path:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     device = accelerator.device
     set_seed(cfg.seed + accelerator.process_index)
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.optim.mixed_precision]
+    dtype = precision_dtype(cfg.optim.mixed_precision)
 
     sd = load_stable_diffusion(cfg.model)
     controlnet = load_controlnet(cfg.model, sd.unet).requires_grad_(False).eval() if cfg.probe.use_controlnet else None
@@ -231,21 +231,21 @@ def train_probe(cfg) -> Path:
     accelerator.wait_for_everyone()
     try:
         if accelerator.is_main_process:
-            return report_and_save(cfg, accelerator, sd, model, probe, condition, step, label_sum, label_count)
+            return report_and_save(
+                cfg, accelerator, sd, model, probe, condition, step, label_sum, label_count, empty, dtype
+            )
         return Path(cfg.probe.path)
     finally:
         finish(accelerator)
 
 
-def report_and_save(cfg, accelerator, sd, model, probe, condition, step, label_sum, label_count) -> Path:
+def report_and_save(cfg, accelerator, sd, model, probe, condition, step, label_sum, label_count, empty, dtype) -> Path:
     """Main process: accuracy vs timestep on held-out data, collapse check, then save the probe and its report."""
     from omegaconf import OmegaConf
 
     from innercontrol.data import build_dataloader
 
     device = accelerator.device
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.optim.mixed_precision]
-    empty = encode_prompts(sd.tokenizer, sd.text_encoder, [""], device).to(dtype)
     probe = accelerator.unwrap_model(probe).eval()
     # Held-out rows: the eval set, up to probe.eval_samples of them (eval.max_samples bounds generation only).
     held_out_cfg = OmegaConf.merge(cfg.eval, {"max_samples": cfg.probe.eval_samples})
