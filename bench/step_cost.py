@@ -3,10 +3,11 @@
 Rows (same seeded timesteps for every row; rows interleaved step by step so drift hits all alike):
   a  plain ControlNet (diffusion loss)
   b  + reward loss, whole batch decoded then masked (the anchors' way)
-  c  + reward loss on the in-window subset (ours)
+  c  + reward loss on the in-window subset (ours: a split pass, replayed from a CUDA graph on CUDA)
   d  + alignment loss (probe on decoder attention taps)
   e  full InnerControl (subset reward + alignment)
   b200/c200  b and c at the HED/lineart reward window t <= 200
+  c200e/c200i  (CUDA only) c200 with the split pass run eagerly / with the reward inside the main autograd graph
 Windows otherwise those of the depth experiment: reward [0, 400], alignment [0, 920].
 
     python bench/step_cost.py                                   # tiny preset, CPU
@@ -36,6 +37,8 @@ class Row:
     reward: str | None  # None, "whole" or "subset"
     reward_window: tuple[int, int]
     alignment: bool
+    split: str | None = "graph"  # subset reward: "graph" (CUDA graph where possible), "eager" or None (in graph)
+    cuda_only: bool = False
 
 
 ROWS = [
@@ -46,6 +49,8 @@ ROWS = [
     Row("e", "full InnerControl (c + d)", "subset", (0, 400), True),
     Row("b200", "+ reward whole batch, window [0,200]", "whole", (0, 200), False),
     Row("c200", "+ reward subset, window [0,200]", "subset", (0, 200), False),
+    Row("c200e", "c200, split pass eager (no CUDA graph)", "subset", (0, 200), False, "eager", True),
+    Row("c200i", "c200, reward inside the main autograd graph", "subset", (0, 200), False, None, True),
 ]
 ALIGNMENT_WINDOW = (0, 920)
 
@@ -117,6 +122,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--vae-gradient-checkpointing", action="store_true", help="also checkpoint the VAE decoder of the reward"
     )
+    parser.add_argument("--no-cuda-graph", action="store_true", help="rows c, e, c200: run the split pass eagerly")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="append the table to this markdown file")
@@ -126,8 +132,10 @@ def main(argv=None) -> None:
     from innercontrol.controlled_unet import ControlledUNet, tapped_channels
     from innercontrol.losses import alignment_loss, diffusion_loss, diffusion_target, in_window, reward_loss
     from innercontrol.probes import build_probe
+    from innercontrol.reward import SplitReward, host_to_device
 
     device = torch.device(args.device)
+    rows = [row for row in ROWS if device.type == "cuda" or not row.cuda_only]
     resolution = args.resolution or (128 if args.preset == "tiny" else 512)
     weight_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     workdir = tempfile.mkdtemp(prefix="step_cost_")
@@ -157,8 +165,14 @@ def main(argv=None) -> None:
     text = torch.randn(b, 77, text_dim, generator=generator).to(device, weight_dtype)
     noise = torch.randn(b, 4, latent, latent, generator=generator).to(device)
 
-    def step(row: Row, timesteps: torch.Tensor) -> int:
-        timesteps = timesteps.to(device)
+    splits = {
+        "graph": SplitReward(vae, condition, cuda_graph=not args.no_cuda_graph),
+        "eager": SplitReward(vae, condition, cuda_graph=False),
+        None: None,
+    }
+
+    def step(row: Row, host_timesteps: torch.Tensor) -> int:
+        timesteps = host_to_device(host_timesteps, device)
         with torch.no_grad():
             latents = vae.encode(images.to(weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
         noisy = scheduler.add_noise(latents.float(), noise, timesteps.cpu()).to(weight_dtype)
@@ -176,11 +190,20 @@ def main(argv=None) -> None:
                     scheduler.alphas_cumprod,
                     row.reward_window,
                     subset=row.reward == "subset",
+                    split=splits[row.split],
+                    host_timesteps=host_timesteps,
                 )
                 loss = loss + term
             if row.alignment:
                 term, _ = alignment_loss(
-                    probe, out.features, out.time_embedding, controls, timesteps, condition, ALIGNMENT_WINDOW
+                    probe,
+                    out.features,
+                    out.time_embedding,
+                    controls,
+                    timesteps,
+                    condition,
+                    ALIGNMENT_WINDOW,
+                    host_timesteps,
                 )
                 loss = loss + term
         loss.backward()
@@ -193,11 +216,11 @@ def main(argv=None) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times = {row.key: [] for row in ROWS}
-    peaks = {row.key: 0 for row in ROWS}
-    activations = {row.key: 0 for row in ROWS}
+    times = {row.key: [] for row in rows}
+    peaks = {row.key: 0 for row in rows}
+    activations = {row.key: 0 for row in rows}
     for index, timesteps in enumerate(timestep_batches):
-        for row in ROWS:
+        for row in rows:
             sync()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -207,6 +230,8 @@ def main(argv=None) -> None:
             sync()
             elapsed = time.perf_counter() - start
             peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else 0
+            if row.reward == "subset" and splits[row.split] is not None:
+                peak += splits[row.split].graph_pool_bytes  # replays allocate from the graph's own pool
             if index > 0:  # the first step of each row is a warm-up
                 times[row.key].append(elapsed)
                 peaks[row.key] = max(peaks[row.key], peak)
@@ -220,7 +245,7 @@ def main(argv=None) -> None:
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
-        for row in ROWS:
+        for row in rows:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 step(row, timestep_batches[1])
                 sync()
@@ -242,8 +267,10 @@ def main(argv=None) -> None:
         "",
         f"{args.steps} timed steps per row after one warm-up; mean in-window samples per batch: "
         f"{in400:.2f} for t<=400, {in200:.2f} for t<=200. Memory: 'saved for backward' = largest total of tensors autograd kept for the backward pass (max over steps); "
-        "'peak memory' = peak CUDA memory above the resident models; 'GPU kernel time' = sum of CUDA kernel "
-        "durations in one profiled step (timesteps of the first timed step); both CUDA only.",
+        "'peak memory' = peak CUDA memory above the resident models, plus the private pool of the reward's CUDA "
+        "graph for the rows that replay it; 'GPU kernel time' = sum of CUDA kernel durations in one profiled step "
+        "(timesteps of the first timed step); both CUDA only. The split reward pass runs its own backward at once, "
+        "so its tensors are not among those kept for the main backward.",
         "",
         "| row | step | time/step (s) | x plain | extra over plain (s) | saved for backward (MiB) | x plain "
         "| peak memory (MiB) | x plain | GPU kernel time (ms) | x plain |",
@@ -257,7 +284,7 @@ def main(argv=None) -> None:
             f"{peaks[key] / 2**20:.0f} | {peaks[key] / peaks['a']:.2f} | {busy[key]:.1f} | {busy[key] / busy['a']:.2f}"
         )
 
-    for row in ROWS:
+    for row in rows:
         lines.append(
             f"| {row.key} | {row.label} | {mean[row.key]:.3f} | {mean[row.key] / mean['a']:.2f} | "
             f"{mean[row.key] - mean['a']:+.3f} | {activations[row.key] / 2**20:.0f} | "
@@ -288,6 +315,14 @@ def main(argv=None) -> None:
     lines += ["", "| target | met | measured |", "| --- | --- | --- |"]
     lines += [f"| {name} | {'yes' if ok else 'NO'} | {value} |" for name, ok, value in checks]
     table = "\n".join(lines)
+    if device.type == "cuda":
+        graph = splits["graph"]
+        table += "\n\n" + (
+            f"Reward CUDA graph: captured {len(graph.graphs)} graph(s), private pool "
+            f"{graph.graph_pool_bytes / 2**20:.0f} MiB."
+            if graph.capture_error is None and not args.no_cuda_graph
+            else f"Reward CUDA graph: not used ({graph.capture_error or '--no-cuda-graph'}); rows c, e, c200 ran eagerly."
+        )
     print(table)
     if args.output:
         with open(args.output, "a") as f:
@@ -295,7 +330,7 @@ def main(argv=None) -> None:
     for key in filter(None, args.profile.split(",")):
         from torch.profiler import ProfilerActivity, profile
 
-        row = next(r for r in ROWS if r.key == key)
+        row = next(r for r in rows if r.key == key)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             step(row, timestep_batches[1])

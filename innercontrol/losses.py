@@ -10,9 +10,12 @@ runs for samples outside the window, and a batch with none costs nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from innercontrol.reward import SplitReward, cycle_losses, device_index, per_sample_mse
 
 
 def in_window(timesteps: torch.Tensor, window) -> torch.Tensor:
@@ -21,13 +24,23 @@ def in_window(timesteps: torch.Tensor, window) -> torch.Tensor:
     return (timesteps >= low) & (timesteps <= high)
 
 
+def window_indices(timesteps: torch.Tensor, window, host_timesteps: Optional[torch.Tensor] = None) -> list[int]:
+    """Host list of the in-window sample indices.
+
+    Pass host_timesteps (a CPU copy of the timesteps, e.g. sampled on the CPU) to avoid reading the device
+    tensor back, which would make the host wait for every queued kernel.
+    """
+    source = host_timesteps if host_timesteps is not None else timesteps
+    return in_window(source.cpu(), window).nonzero(as_tuple=True)[0].tolist()
+
+
+def _rows(index: list[int], batch: int, device: torch.device):
+    """Indexer for the in-window rows: a plain slice when every sample is in the window (no gather copy)."""
+    return slice(None) if len(index) == batch else device_index(index, device)
+
+
 def _zero(reference: torch.Tensor) -> torch.Tensor:
     return reference.new_zeros((), dtype=torch.float32)
-
-
-def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over every non-batch dimension: (B, ...) -> (B,)."""
-    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -56,13 +69,6 @@ def predict_x0(noisy_latents, model_pred, timesteps, alphas_cumprod, prediction_
     raise ValueError(f"unsupported prediction_type '{prediction_type}'")
 
 
-def decode_to_image(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode of SD latents to RGB in [0, 1]."""
-    latents = latents / vae.config.scaling_factor
-    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return (image.float() / 2 + 0.5).clamp(0, 1)
-
-
 def reward_loss(
     noisy_latents: torch.Tensor,
     model_pred: torch.Tensor,
@@ -74,33 +80,32 @@ def reward_loss(
     window,
     prediction_type: str = "epsilon",
     subset: bool = True,
+    split: Optional[SplitReward] = None,
+    host_timesteps: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, int]:
     """ControlNet++ cycle consistency: MSE(condition(decode(x0_hat)), control), mean over in-window samples.
 
+    split: a SplitReward (innercontrol.reward) computes the in-window samples' reward and its gradient in a pass
+    of its own (same value and gradient, less memory, a CUDA graph on CUDA); None keeps it in the main graph.
     subset=False reproduces the anchors' way (decode and condition model on the whole batch, then mask);
     it gives the same value and exists for the benchmark and the equivalence test.
     Returns (loss, number of in-window samples).
     """
-    mask = in_window(timesteps, window)
-    count = int(mask.sum())
-    if count == 0 and subset:
-        return _zero(model_pred), 0
-    if subset:
-        index = mask.nonzero(as_tuple=True)[0]
-        noisy_latents, model_pred, timesteps, control = (
-            noisy_latents[index],
-            model_pred[index],
-            timesteps[index],
-            control[index],
-        )
-    x0 = predict_x0(noisy_latents, model_pred, timesteps, alphas_cumprod, prediction_type)
-    predicted_control = condition(decode_to_image(vae, x0))
-    if predicted_control.shape[-2:] != control.shape[-2:]:
-        predicted_control = F.interpolate(predicted_control, size=control.shape[-2:], mode="bilinear")
-    losses = per_sample_mse(predicted_control, control)
+    index = window_indices(timesteps, window, host_timesteps)
+    count = len(index)
     if not subset:
-        losses = losses * mask.float()
-    return losses.sum() / max(count, 1), count
+        mask = in_window(timesteps, window).float()
+        x0 = predict_x0(noisy_latents, model_pred, timesteps, alphas_cumprod, prediction_type)
+        losses = cycle_losses(x0, control, vae, condition) * mask
+        return losses.sum() / max(count, 1), count
+    if count == 0:
+        return _zero(model_pred), 0
+    if split is not None:
+        x0 = predict_x0(noisy_latents, model_pred, timesteps, alphas_cumprod, prediction_type)
+        return split(x0, control, index), count
+    rows = _rows(index, len(timesteps), model_pred.device)
+    x0 = predict_x0(noisy_latents[rows], model_pred[rows], timesteps[rows], alphas_cumprod, prediction_type)
+    return cycle_losses(x0, control[rows], vae, condition).mean(), count
 
 
 def alignment_loss(
@@ -111,19 +116,19 @@ def alignment_loss(
     timesteps: torch.Tensor,
     condition,
     window,
+    host_timesteps: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, int]:
     """InnerControl alignment: probe(features, t) vs the input control, mean over in-window samples.
 
     The probe output (in [-1, 1]) is mapped to [0, 1], normalised per condition, resized to the control's
     resolution and compared by per-sample MSE. Returns (loss, number of in-window samples).
     """
-    mask = in_window(timesteps, window)
-    count = int(mask.sum())
-    if count == 0:
+    index = window_indices(timesteps, window, host_timesteps)
+    if not index:
         return _zero(control), 0
-    index = mask.nonzero(as_tuple=True)[0]
-    prediction = probe([f[index] for f in features], time_embedding[index])
-    return alignment_error(prediction, control[index], condition).mean(), count
+    rows = _rows(index, len(timesteps), control.device)
+    prediction = probe([f[rows] for f in features], time_embedding[rows])
+    return alignment_error(prediction, control[rows], condition).mean(), len(index)
 
 
 def alignment_error(prediction: torch.Tensor, control: torch.Tensor, condition) -> torch.Tensor:
@@ -163,10 +168,13 @@ def innercontrol_objective(
     vae=None,
     condition=None,
     probe=None,
+    split: Optional[SplitReward] = None,
+    host_timesteps: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
     """Every term of the objective, computed from one ControlledUNet output; 'loss' is the weighted sum.
 
-    A term with weight 0 is skipped (plain ControlNet: both 0; ControlNet++: alignment 0).
+    A term with weight 0 is skipped (plain ControlNet: both 0; ControlNet++: alignment 0). split: see
+    reward_loss; host_timesteps: a CPU copy of timesteps, so the windows are chosen without a device read.
     """
     terms = {"diffusion": diffusion_loss(output.noise_pred, target)}
     total = terms["diffusion"]
@@ -181,12 +189,21 @@ def innercontrol_objective(
             scheduler.alphas_cumprod,
             weights.reward_window,
             scheduler.config.prediction_type,
+            split=split,
+            host_timesteps=host_timesteps,
         )
         terms["reward_samples"] = torch.tensor(float(n_reward))
         total = total + weights.reward_weight * terms["reward"]
     if weights.alignment_weight > 0:
         terms["alignment"], n_align = alignment_loss(
-            probe, output.features, output.time_embedding, control, timesteps, condition, weights.alignment_window
+            probe,
+            output.features,
+            output.time_embedding,
+            control,
+            timesteps,
+            condition,
+            weights.alignment_window,
+            host_timesteps,
         )
         terms["alignment_samples"] = torch.tensor(float(n_align))
         total = total + weights.alignment_weight * terms["alignment"]

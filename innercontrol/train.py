@@ -33,6 +33,7 @@ from innercontrol.controlled_unet import ControlledUNet, tapped_channels
 from innercontrol.distributed import finish
 from innercontrol.losses import LossWeights, diffusion_target, innercontrol_objective
 from innercontrol.models import encode_prompts, load_controlnet, load_stable_diffusion
+from innercontrol.reward import SplitReward, host_to_device
 
 logger = logging.getLogger("innercontrol.train")
 LOSS_TERMS = ("loss", "diffusion", "reward", "alignment")
@@ -94,7 +95,9 @@ def compute_control(condition, images: torch.Tensor) -> torch.Tensor:
         return condition((images.float() + 1) / 2).float()
 
 
-def training_step(batch, sd, model, condition, probe, weights: LossWeights, weight_dtype, device) -> dict:
+def training_step(
+    batch, sd, model, condition, probe, weights: LossWeights, weight_dtype, device, split: SplitReward | None = None
+) -> dict:
     """One micro-batch: encode, noise, ControlNet + UNet forward with decoder taps, every term of the objective."""
     images = batch["pixel_values"].to(device)
     control = batch["control"].to(device) if "control" in batch else compute_control(condition, images)
@@ -103,12 +106,25 @@ def training_step(batch, sd, model, condition, probe, weights: LossWeights, weig
         text = encode_prompts(sd.tokenizer, sd.text_encoder, batch["caption"], device)
     latents = latents.float()
     noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, sd.scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+    # Sampled on the host: the loss windows are chosen from this copy without reading the device back.
+    host_timesteps = torch.randint(0, sd.scheduler.config.num_train_timesteps, (latents.shape[0],))
+    timesteps = host_to_device(host_timesteps, device)
     noisy = sd.scheduler.add_noise(latents, noise, timesteps)
     output = model(noisy.to(weight_dtype), timesteps, text.to(weight_dtype), control.to(weight_dtype))
     target = diffusion_target(sd.scheduler, latents, noise, timesteps)
     return innercontrol_objective(
-        output, target, noisy, timesteps, control, weights, sd.scheduler, sd.vae, condition, probe
+        output,
+        target,
+        noisy,
+        timesteps,
+        control,
+        weights,
+        sd.scheduler,
+        sd.vae,
+        condition,
+        probe,
+        split,
+        host_timesteps,
     )
 
 
@@ -253,6 +269,9 @@ def train(cfg) -> Path:
                 f"{cfg.model.tap} on this UNet gives {expected}: use a probe trained for this model and tap mode"
             )
         probe.to(device, dtype=weight_dtype)
+    split = None
+    if weights.reward_weight > 0:
+        split = SplitReward(sd.vae, condition, cuda_graph=cfg.model.reward_cuda_graph, scaler=accelerator.scaler)
 
     optimizer = torch.optim.AdamW(
         controlnet.parameters(),
@@ -316,7 +335,7 @@ def train(cfg) -> Path:
         while global_step < cfg.optim.max_steps:
             batch = next(data)
             with accelerator.accumulate(controlnet):
-                terms = training_step(batch, sd, model, condition, probe, weights, weight_dtype, device)
+                terms = training_step(batch, sd, model, condition, probe, weights, weight_dtype, device, split)
                 values = {k: terms[k].item() for k in LOSS_TERMS if k in terms}
                 bad = [k for k, v in values.items() if not math.isfinite(v)]
                 flags = torch.tensor([float(bool(bad)), float(stop.requested)], device=device)

@@ -13,8 +13,10 @@ from innercontrol.losses import (
     innercontrol_objective,
     predict_x0,
     reward_loss,
+    window_indices,
 )
 from innercontrol.probes import build_probe
+from innercontrol.reward import SplitReward
 
 from .helpers import IdentityNormCondition, frozen_conv_condition, load_tiny_components
 
@@ -108,6 +110,54 @@ def test_reward_with_no_in_window_sample_costs_no_decode():
     assert whole_count == 0 and whole.item() == 0.0 and vae.decoded == [2]
 
 
+def test_window_indices_read_the_host_copy_not_the_device_tensor():
+    on_device = torch.empty(3, device="meta")  # cannot be read back: proves the host copy is used
+    assert window_indices(on_device, (0, 200), host_timesteps=torch.tensor([5, 300, 200])) == [0, 2]
+    assert window_indices(torch.tensor([5, 300, 200]), (0, 200)) == [0, 2]
+
+
+@pytest.mark.parametrize("loss_scale", [None, 2.0**10])
+@pytest.mark.parametrize("timesteps", [[50, 600, 150, 999], [10, 20, 30, 40]])
+def test_split_reward_has_the_value_and_gradient_of_the_direct_reward(timesteps, loss_scale):
+    case = _reward_case(timesteps)
+    condition = frozen_conv_condition()
+    scaler = None if loss_scale is None else torch.amp.GradScaler("cpu", init_scale=loss_scale)
+    pred = case.pop("model_pred").requires_grad_(True)
+    direct, count = reward_loss(model_pred=pred, vae=CountingVAE(), condition=condition, window=(0, 200), **case)
+    (direct_grad,) = torch.autograd.grad(direct, pred)
+    vae = CountingVAE()
+    split = SplitReward(vae, condition, cuda_graph=True, scaler=scaler)  # cuda_graph is ignored on the CPU
+    term, split_count = reward_loss(model_pred=pred, vae=vae, condition=condition, window=(0, 200), split=split, **case)
+    assert split_count == count and vae.decoded == [count]  # one eager pass over the in-window samples
+    assert term.item() == pytest.approx(direct.item(), rel=1e-6)
+    (split_grad,) = torch.autograd.grad(term, pred)
+    assert split_grad.abs().sum() > 0
+    assert torch.allclose(split_grad, direct_grad, rtol=1e-5, atol=1e-9)
+    outside = [i for i, t in enumerate(timesteps) if t > 200]
+    assert torch.count_nonzero(split_grad[outside]) == 0
+
+
+def test_split_reward_pass_ignores_outer_saved_tensor_hooks():
+    case = _reward_case([50, 100])
+    condition = frozen_conv_condition()
+    pred = case.pop("model_pred").requires_grad_(True)
+    kept = {}
+    for split in (None, SplitReward(CountingVAE(), condition)):
+        packed = kept.setdefault(split is not None, [])
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, packed=packed: packed.append(t.shape) or t, lambda t: t
+        ):
+            term, _ = reward_loss(
+                model_pred=pred, vae=CountingVAE(), condition=condition, window=(0, 200), split=split, **case
+            )
+        term.backward()
+    # Kept for the outer backward: the direct reward keeps decoder/condition tensors at the image size (8x8); the
+    # split one only latent-sized ones (its pass ran its own backward already).
+    assert any(shape[-1] == 8 for shape in kept[False])
+    assert kept[True] and all(shape[-1] <= 4 for shape in kept[True])
+    assert pred.grad.abs().sum() > 0
+
+
 class FixedProbe:
     """Probe stand-in returning a given map for the samples it is asked about (records batch sizes)."""
 
@@ -168,7 +218,8 @@ def _step_inputs(vae, scheduler):
     return latents, noise, timesteps, control
 
 
-def test_gradient_contract_only_controlnet_learns(tiny_dir):
+@pytest.mark.parametrize("split", [False, True], ids=["reward_in_graph", "split_reward"])
+def test_gradient_contract_only_controlnet_learns(tiny_dir, split):
     model, vae, text_encoder, scheduler, probe, condition, ids = _training_setup(tiny_dir)
     frozen = {
         "unet": model.unet,
@@ -197,6 +248,8 @@ def test_gradient_contract_only_controlnet_learns(tiny_dir):
         vae,
         condition,
         probe,
+        SplitReward(vae, condition) if split else None,
+        timesteps,
     )
     assert terms["reward_samples"].item() == 1 and terms["alignment_samples"].item() == 2
     expected = terms["diffusion"] + 0.5 * terms["reward"] + 1.0 * terms["alignment"]
@@ -230,3 +283,25 @@ def test_each_window_term_alone_sends_gradient_to_controlnet(tiny_dir, term):
     loss.backward()
     grad = sum(p.grad.abs().sum() for p in model.controlnet.parameters() if p.grad is not None)
     assert torch.isfinite(grad) and grad > 0
+
+
+def test_split_reward_gives_the_controlnet_the_same_gradient(tiny_dir):
+    model, vae, text_encoder, scheduler, probe, condition, ids = _training_setup(tiny_dir)
+    latents, noise, timesteps, control = _step_inputs(vae, scheduler)
+    with torch.no_grad():
+        text = text_encoder(ids)[0]
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    grads, values = [], []
+    for split in (None, SplitReward(vae, condition)):
+        model.controlnet.zero_grad(set_to_none=True)
+        out = model(noisy, timesteps, text, control)
+        loss, count = reward_loss(
+            noisy, out.noise_pred, timesteps, control, vae, condition, scheduler.alphas_cumprod, (0, 400), split=split
+        )
+        loss.backward()
+        values.append(loss.item())
+        grads.append([p.grad.clone() for p in model.controlnet.parameters() if p.grad is not None])
+    assert count == 1 and values[1] == pytest.approx(values[0], rel=1e-6)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for direct, split in zip(*grads):
+        assert torch.allclose(split, direct, rtol=1e-4, atol=1e-10)
