@@ -123,6 +123,7 @@ def main(argv=None) -> None:
         "--vae-gradient-checkpointing", action="store_true", help="also checkpoint the VAE decoder of the reward"
     )
     parser.add_argument("--no-cuda-graph", action="store_true", help="rows c, e, c200: run the split pass eagerly")
+    parser.add_argument("--max-chunk", type=int, default=4, help="largest reward CUDA-graph chunk (samples)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="append the table to this markdown file")
@@ -166,10 +167,13 @@ def main(argv=None) -> None:
     noise = torch.randn(b, 4, latent, latent, generator=generator).to(device)
 
     splits = {
-        "graph": SplitReward(vae, condition, cuda_graph=not args.no_cuda_graph),
+        "graph": SplitReward(vae, condition, cuda_graph=not args.no_cuda_graph, max_chunk=args.max_chunk),
         "eager": SplitReward(vae, condition, cuda_graph=False),
         None: None,
     }
+
+    # Capture the reward graphs before timing (training captures each chunk size the first time it is needed).
+    splits["graph"].capture_all(torch.randn(b, 4, latent, latent, device=device), controls)
 
     def step(row: Row, host_timesteps: torch.Tensor) -> int:
         timesteps = host_to_device(host_timesteps, device)
@@ -318,7 +322,7 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         graph = splits["graph"]
         table += "\n\n" + (
-            f"Reward CUDA graph: captured {len(graph.graphs)} graph(s), private pool "
+            f"Reward CUDA graphs: chunk sizes {graph.chunk_sizes_captured}, shared private pool "
             f"{graph.graph_pool_bytes / 2**20:.0f} MiB."
             if graph.capture_error is None and not args.no_cuda_graph
             else f"Reward CUDA graph: not used ({graph.capture_error or '--no-cuda-graph'}); rows c, e, c200 ran eagerly."

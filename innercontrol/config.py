@@ -35,9 +35,12 @@ class ModelConfig:
     # Also checkpoint the VAE decoder that the reward loss backpropagates through (less memory, ~+30% reward cost;
     # only used where the reward runs eagerly: on the CPU or with reward_cuda_graph=false).
     vae_gradient_checkpointing: bool = False
-    # CUDA: replay the reward's VAE decode + condition model (forward and backward, one in-window sample at a
-    # time) from a captured CUDA graph; same value and gradient, far fewer kernel launches (innercontrol/reward.py).
+    # CUDA: replay the reward's VAE decode + condition model (forward and backward) from captured CUDA graphs;
+    # same value and gradient, far fewer kernel launches (innercontrol/reward.py).
     reward_cuda_graph: bool = True
+    # Largest number of in-window samples one reward graph replay takes (graphs of 1, 2, 4, ... up to it); its
+    # memory pool holds the activations of that many samples (about 4 GiB each at 512 px in bf16).
+    reward_cuda_graph_max_chunk: int = 4
 
 
 @dataclass

@@ -119,6 +119,11 @@ class ControlledUNet(nn.Module):
                 conditioning_scale=conditioning_scale,
                 return_dict=False,
             )
+            # A ControlNet prepared by accelerate under mixed precision returns fp32 residuals; the frozen UNet
+            # runs in its own (half) dtype outside autocast, so they are cast to it.
+            dtype = self.unet.dtype
+            down_residuals = [residual.to(dtype) for residual in down_residuals]
+            mid_residual = mid_residual.to(dtype)
         time_embedding: list[torch.Tensor] = []
         hook = self.unet.time_embedding.register_forward_hook(lambda _m, _a, out: time_embedding.append(out))
         try:

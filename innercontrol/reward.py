@@ -12,9 +12,11 @@ condition model -> MSE, forward and backward) right when x0_hat is known, and re
 
 whose value is the mean reward and whose gradient is the reward's gradient. Two things follow:
   * the decoder's and the condition model's activations are freed before the UNet backward (lower peak memory);
-  * on CUDA, that pass has fixed shapes per sample, so it is captured once as a CUDA graph (forward and backward)
-    and replayed once per in-window sample: one launch instead of thousands of small kernel launches, which on a
-    fast GPU made the fixed cost of even one in-window sample a large part of the reward's cost.
+  * on CUDA, the pass has fixed shapes for a given number of samples, so it is captured as a CUDA graph (forward
+    and backward) for chunks of 1, 2, 4, ... samples (up to max_chunk, each size captured the first time it is
+    needed, all sharing one memory pool) and the in-window samples are replayed chunk by chunk (3 = 2 + 1): a few
+    launches instead of thousands of small kernel launches, which on a fast GPU made the fixed cost of even one
+    in-window sample a large part of the reward's cost (bench/RESULTS.md).
 
 If the capture fails (an operation that cannot be captured in a custom condition model, say), the pass runs
 eagerly and a warning names the error; the result is the same.
@@ -52,23 +54,37 @@ def cycle_losses(x0: torch.Tensor, control: torch.Tensor, vae, condition) -> tor
     return per_sample_mse(predicted_control, control)
 
 
-class _CapturedPass:
-    """One CUDA graph of losses_and_gradients for fixed input shapes, with its static input and output tensors."""
+def chunk_sizes(count: int, max_chunk: int) -> list[int]:
+    """Split `count` samples into power-of-two chunks of at most max_chunk, largest first (7, 4 -> [4, 2, 1])."""
+    largest = 1 << (max(1, max_chunk).bit_length() - 1)
+    sizes = []
+    while count > 0:
+        size = min(largest, 1 << (count.bit_length() - 1))
+        sizes.append(size)
+        count -= size
+    return sizes
 
-    def __init__(self, run, x0: torch.Tensor, control: torch.Tensor, scale: torch.Tensor, warmup: int = 3):
+
+class _CapturedPass:
+    """One CUDA graph of the reward pass for fixed input shapes, with its static input and output tensors."""
+
+    def __init__(self, run, x0, control, scale, pool, warmup: int = 3):
         self.x0, self.control, self.scale = x0.detach().clone(), control.detach().clone(), scale.detach().clone()
-        side = torch.cuda.Stream(device=x0.device)
-        side.wait_stream(torch.cuda.current_stream(x0.device))
+        device = x0.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires (cuDNN/cuBLAS setup)
             for _ in range(warmup):
                 run(self.x0, self.control, self.scale)
-        torch.cuda.current_stream(x0.device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # so that the growth of reserved memory below is the graph pool's alone
+        reserved = torch.cuda.memory_reserved(device)
         self.graph = torch.cuda.CUDAGraph()
-        reserved = torch.cuda.memory_reserved(x0.device)
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.losses, self.grad = run(self.x0, self.control, self.scale)
-        # The graph's private memory pool: reserved for its replays, not counted by memory_allocated().
-        self.pool_bytes = torch.cuda.memory_reserved(x0.device) - reserved
+        # Memory the shared graph pool grew by: reserved for replays, not counted by memory_allocated().
+        self.pool_bytes = max(0, torch.cuda.memory_reserved(device) - reserved)
 
     def __call__(self, x0: torch.Tensor, control: torch.Tensor, scale: torch.Tensor):
         self.x0.copy_(x0)
@@ -81,16 +97,20 @@ class _CapturedPass:
 class SplitReward:
     """Reward term of the in-window samples with its gradient computed in a separate pass (see the module doc).
 
-    cuda_graph: on CUDA, capture the pass for one sample and replay it per in-window sample (ignored on the CPU).
+    cuda_graph: on CUDA, capture the pass once per chunk size (powers of two up to max_chunk, as needed; one shared
+    memory pool) and replay it chunk by chunk over the in-window samples. Ignored on the CPU.
     scaler: the fp16 GradScaler (accelerator.scaler); the inner backward is scaled by its current scale, as the
     outer one is, so that fp16 gradients inside the VAE and condition model do not underflow.
     """
 
-    def __init__(self, vae, condition, cuda_graph: bool = True, scaler=None):
+    def __init__(self, vae, condition, cuda_graph: bool = True, max_chunk: int = 4, scaler=None):
+        if max_chunk < 1:
+            raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
         self.vae, self.condition, self.scaler = vae, condition, scaler
-        self.cuda_graph = cuda_graph
+        self.cuda_graph, self.max_chunk = cuda_graph, max_chunk
         self.graphs: dict[tuple, _CapturedPass] = {}
         self.capture_error: Optional[str] = None
+        self._pool = None
 
     def _losses_and_gradients(self, x0: torch.Tensor, control: torch.Tensor, scale: torch.Tensor):
         # Own saved-tensor hooks (identity): outer hooks such as save_on_cpu would offload this pass's
@@ -108,12 +128,12 @@ class SplitReward:
         return one
 
     def _graphed(self, x0: torch.Tensor, control: torch.Tensor, scale: torch.Tensor) -> Optional[_CapturedPass]:
-        if not self.cuda_graph or self.capture_error is not None or x0.device.type != "cuda":
-            return None
         key = (tuple(x0.shape), tuple(control.shape), x0.dtype, control.dtype, x0.device)
         if key not in self.graphs:
             try:
-                self.graphs[key] = _CapturedPass(self._losses_and_gradients, x0, control, scale)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                self.graphs[key] = _CapturedPass(self._losses_and_gradients, x0, control, scale, self._pool)
             except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager pass
                 self.capture_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 logger.warning(
@@ -126,26 +146,52 @@ class SplitReward:
 
     def __call__(self, x0: torch.Tensor, control: torch.Tensor, index: Sequence[int]) -> torch.Tensor:
         """Mean reward over the samples `index` (host ints) of x0 (B,4,h,w, differentiable) and control (B,3,H,W)."""
-        if len(index) == 0:
+        index = list(index)
+        if not index:
             return x0.new_zeros((), dtype=torch.float32)
         with torch.autocast(x0.device.type, enabled=False):  # the models carry their own dtypes
             scale = self._scale(x0.device)
-            graph = self._graphed(x0[:1].detach().float(), control[:1], scale)
+            use_graph = self.cuda_graph and self.capture_error is None and x0.device.type == "cuda"
             term = x0.new_zeros((), dtype=torch.float32)
-            if graph is not None:
-                for i in index:  # one replay per sample; python-int slices need no device index (no host sync)
-                    losses, grad = graph(x0[i : i + 1].detach().float(), control[i : i + 1], scale)
-                    term = term + self._surrogate(x0[i : i + 1], losses, grad)
-            else:
-                rows = slice(None) if len(index) == x0.shape[0] else device_index(index, x0.device)
+            start = 0
+            for size in chunk_sizes(len(index), self.max_chunk) if use_graph else []:
+                rows = _rows(index[start : start + size], x0.device)
+                x0_in, control_in = x0[rows], control[rows]
+                graph = self._graphed(x0_in.detach().float(), control_in, scale)
+                if graph is None:
+                    break
+                losses, grad = graph(x0_in.detach().float(), control_in, scale)
+                term = term + self._surrogate(x0_in, losses, grad)
+                start += size
+            if start < len(index):  # eager: the rest (all of it without graphs) in one batch
+                rows = _rows(index[start:], x0.device)
                 x0_in, control_in = x0[rows], control[rows]
                 losses, grad = self._losses_and_gradients(x0_in, control_in, scale)
-                term = self._surrogate(x0_in, losses, grad)
+                term = term + self._surrogate(x0_in, losses, grad)
         return term / len(index)
+
+    def capture_all(self, x0: torch.Tensor, control: torch.Tensor) -> list[int]:
+        """Capture the graph of every chunk size now (else each is captured the first time it is needed).
+
+        x0 (B,4,h,w) and control (B,3,H,W) are examples with B >= max_chunk; returns the chunk sizes captured.
+        """
+        if not (self.cuda_graph and x0.device.type == "cuda"):
+            return []
+        with torch.autocast(x0.device.type, enabled=False):
+            scale = self._scale(x0.device)
+            sizes = [1 << k for k in range(self.max_chunk.bit_length()) if 1 << k <= min(self.max_chunk, len(x0))]
+            for size in sizes:
+                if self._graphed(x0[:size].detach().float(), control[:size], scale) is None:
+                    return []
+        return sizes
+
+    @property
+    def chunk_sizes_captured(self) -> list[int]:
+        return sorted(key[0][0] for key in self.graphs)
 
     @property
     def graph_pool_bytes(self) -> int:
-        """Device memory reserved by the captured graphs' private pools (0 without graphs)."""
+        """Device memory reserved by the captured graphs' shared private pool (0 without graphs)."""
         return sum(graph.pool_bytes for graph in self.graphs.values())
 
     @staticmethod
@@ -161,6 +207,13 @@ def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
+
+
+def _rows(index: list[int], device: torch.device):
+    """Indexer of the given rows: a slice when they are consecutive (no copy to the device), else an index tensor."""
+    if index == list(range(index[0], index[0] + len(index))):
+        return slice(index[0], index[0] + len(index))
+    return device_index(index, device)
 
 
 def device_index(index: Sequence[int], device: torch.device) -> torch.Tensor:

@@ -271,7 +271,13 @@ def train(cfg) -> Path:
         probe.to(device, dtype=weight_dtype)
     split = None
     if weights.reward_weight > 0:
-        split = SplitReward(sd.vae, condition, cuda_graph=cfg.model.reward_cuda_graph, scaler=accelerator.scaler)
+        split = SplitReward(
+            sd.vae,
+            condition,
+            cuda_graph=cfg.model.reward_cuda_graph,
+            max_chunk=cfg.model.reward_cuda_graph_max_chunk,
+            scaler=accelerator.scaler,
+        )
 
     optimizer = torch.optim.AdamW(
         controlnet.parameters(),

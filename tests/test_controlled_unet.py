@@ -102,3 +102,27 @@ def test_gradient_checkpointing_keeps_feature_gradients(tiny_dir, tap):
         assert all(p.grad is None for p in unet.parameters())
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_half_precision_unet_takes_fp32_controlnet_residuals(tiny_dir):
+    """Mixed precision as train.py sets it up: frozen UNet in bf16, ControlNet prepared by accelerate (fp32 weights,
+    autocast forward, outputs converted to fp32)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    unet, controlnet, *_ = load_tiny_components(tiny_dir)
+    unet.requires_grad_(False).to(torch.bfloat16)
+    try:
+        prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(controlnet)
+        model = ControlledUNet(unet, prepared, tap="attn")
+        sample, t, text, control = _inputs()
+        out = model(sample.bfloat16(), t, text.bfloat16(), control.bfloat16())
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert out.noise_pred.dtype == torch.bfloat16 and torch.isfinite(out.noise_pred.float()).all()
+    assert len(out.features) == 9 and all(f.dtype == torch.bfloat16 for f in out.features)
+    out.noise_pred.float().pow(2).mean().backward()
+    grads = [p.grad for p in controlnet.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0

@@ -22,34 +22,54 @@ def _reward_models(tiny_dir, dtype):
     return vae, condition, scheduler
 
 
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_graph_replayed_reward_equals_the_eager_reward(tiny_dir, dtype):
+def test_graph_replayed_reward_equals_the_eager_reward(tiny_dir, dtype, monkeypatch):
+    # Full fp32 (no TF32) so that fp32 differences come from chunking alone.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     vae, condition, scheduler = _reward_models(tiny_dir, dtype)
-    graphed = SplitReward(vae, condition, cuda_graph=True)
+    graphed = SplitReward(vae, condition, cuda_graph=True, max_chunk=4)
     eager = SplitReward(vae, condition, cuda_graph=False)
     torch.manual_seed(0)
-    noisy = torch.randn(4, 4, 16, 16, device="cuda")
-    control = torch.rand(4, 3, 128, 128, device="cuda")
-    for timesteps in ([50, 600, 150, 999], [10, 900, 900, 900], [1, 2, 3, 4]):
+    batch = 8
+    noisy = torch.randn(batch, 4, 16, 16, device="cuda")
+    control = torch.rand(batch, 3, 128, 128, device="cuda")
+    alphas = scheduler.alphas_cumprod.cuda()
+    cases = {  # in-window samples (t <= 200) -> chunks replayed
+        "one sample": [50, 600, 900, 999, 700, 800, 300, 400],  # [1]
+        "three, not consecutive": [50, 600, 150, 999, 20, 800, 300, 400],  # [2, 1]
+        "seven": [1, 2, 3, 4, 5, 6, 7, 999],  # [4, 2, 1]
+        "all eight": [9, 8, 7, 6, 5, 4, 3, 2],  # [4, 4]
+    }
+    for name, timesteps in cases.items():
         t = torch.tensor(timesteps)
         results = []
         for split in (graphed, eager, None):
-            pred = torch.randn(4, 4, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-            pred.requires_grad_(True)
-            loss, count = reward_loss(
-                noisy, pred, t.cuda(), control, vae, condition, scheduler.alphas_cumprod.cuda(), (0, 200), split=split
-            )
+            generator = torch.Generator("cuda").manual_seed(1)
+            pred = torch.randn(batch, 4, 16, 16, device="cuda", generator=generator).requires_grad_(True)
+            loss, count = reward_loss(noisy, pred, t.cuda(), control, vae, condition, alphas, (0, 200), split=split)
             (grad,) = torch.autograd.grad(loss, pred)
             results.append((loss.item(), grad, count))
         (g_loss, g_grad, count), (e_loss, e_grad, _), (d_loss, d_grad, _) = results
-        assert count == sum(x <= 200 for x in timesteps)
-        assert g_loss == pytest.approx(e_loss, rel=1e-5) and g_loss == pytest.approx(d_loss, rel=1e-2)
-        assert g_grad.abs().sum() > 0
-        tolerance = dict(rtol=1e-4, atol=1e-8) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-6)
-        assert torch.allclose(g_grad, e_grad, **tolerance)
-        assert torch.allclose(g_grad, d_grad, **tolerance) or dtype != torch.float32
-    assert graphed.capture_error is None and len(graphed.graphs) == 1 and graphed.graph_pool_bytes > 0
-    assert not eager.graphs
+        assert count == sum(x <= 200 for x in timesteps), name
+        assert g_grad.abs().sum() > 0, name
+        outside = [i for i, x in enumerate(timesteps) if x > 200]
+        assert torch.count_nonzero(g_grad[outside]) == 0, name
+        if dtype == torch.float32:
+            assert g_loss == pytest.approx(e_loss, rel=1e-5) and g_loss == pytest.approx(d_loss, rel=1e-5), name
+            assert _relative_error(g_grad, e_grad) < 1e-4 and _relative_error(g_grad, d_grad) < 1e-4, name
+        else:  # bf16: chunks of other sizes pick other kernels, so rounding differs
+            assert g_loss == pytest.approx(e_loss, rel=1e-2), name
+            assert _relative_error(g_grad, e_grad) < 5e-2, name
+        if count == 1:  # same shapes as the eager pass of one sample: the same kernels, the same numbers
+            assert g_loss == pytest.approx(e_loss, rel=1e-6 if dtype == torch.float32 else 1e-3), name
+            assert _relative_error(g_grad, e_grad) < (1e-5 if dtype == torch.float32 else 1e-3), name
+    assert graphed.capture_error is None and graphed.chunk_sizes_captured == [1, 2, 4]
+    assert graphed.graph_pool_bytes > 0 and not eager.graphs
 
 
 def test_fp16_training_with_graph_reward_runs_and_captures_once(tiny_dir, tmp_path, monkeypatch):

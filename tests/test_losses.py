@@ -305,3 +305,18 @@ def test_split_reward_gives_the_controlnet_the_same_gradient(tiny_dir):
     assert len(grads[0]) == len(grads[1]) > 0
     for direct, split in zip(*grads):
         assert torch.allclose(split, direct, rtol=1e-4, atol=1e-10)
+
+
+def test_reward_chunk_sizes_are_powers_of_two_up_to_the_limit():
+    from innercontrol.reward import chunk_sizes
+
+    assert chunk_sizes(0, 4) == []
+    assert chunk_sizes(3, 4) == [2, 1]
+    assert chunk_sizes(7, 4) == [4, 2, 1]
+    assert chunk_sizes(8, 4) == [4, 4]
+    assert chunk_sizes(6, 1) == [1] * 6
+    assert chunk_sizes(5, 3) == [2, 2, 1]  # a limit that is not a power of two rounds down
+    for count in range(20):
+        for limit in (1, 2, 3, 4, 8):
+            sizes = chunk_sizes(count, limit)
+            assert sum(sizes) == count and all(s <= limit and s & (s - 1) == 0 for s in sizes)

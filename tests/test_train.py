@@ -285,3 +285,12 @@ def test_training_with_annotator_rewards_updates_the_controlnet(workspace, name)
         runs[reward] = weights(out / "controlnet")
     # Same seed and data: the runs differ only by the reward term, so its gradient changed the ControlNet.
     assert any(not torch.allclose(runs[1][k], runs[0][k], atol=1e-7) for k in runs[1])
+
+
+def test_bf16_mixed_precision_training_runs(workspace):
+    """Half-precision frozen models with an fp32 ControlNet under autocast, every loss term on (as on a GPU)."""
+    out = workspace["root"] / "bf16"
+    run_train(overrides(workspace, out, 2, "optim.mixed_precision=bf16", "optim.gradient_accumulation=1"))
+    start, final = weights(Path(workspace["tiny"]) / "controlnet"), weights(out / "controlnet")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in final.values())
+    assert any(not torch.equal(start[k], final[k]) for k in final)
