@@ -8,7 +8,7 @@ of the clean latent. So its gradient factors exactly (chain rule):
 `SplitReward` computes the per-sample losses l_i and g_i = d l_i / d x0_hat_i in a pass of its own (VAE decode ->
 condition model -> MSE, forward and backward) right when x0_hat is known, and returns the term
 
-    (sum_i l_i + sum_i <x0_hat_i, g_i> - sum_i <stop_grad(x0_hat_i), g_i>) / count
+    sum_i l_i / count,  with  d term / d x0_hat_i := g_i / count  (a custom autograd function),
 
 whose value is the mean reward and whose gradient is the reward's gradient. Two things follow:
   * the decoder's and the condition model's activations are freed before the UNet backward (lower peak memory);
@@ -196,9 +196,28 @@ class SplitReward:
 
     @staticmethod
     def _surrogate(x0: torch.Tensor, losses: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """Value sum(losses) (the two inner products cancel exactly), gradient sum(grad) w.r.t. x0."""
-        x0 = x0.float()
-        return losses.sum() + (x0 * grad).sum() - (x0.detach() * grad).sum()
+        """Value sum(losses); gradient grad w.r.t. x0 (the value does not depend on grad, even a non-finite one)."""
+        return _InjectGradient.apply(x0.float(), losses, grad)
+
+
+class _InjectGradient(torch.autograd.Function):
+    """forward(x0, losses, grad) = losses.sum(); backward passes upstream * grad to x0.
+
+    A product such as <x0, grad> - <stop_grad(x0), grad> would give the same gradient, but an inner backward that
+    overflowed in fp16 (inf in grad, a normal event under dynamic loss scaling) would turn the loss value into NaN;
+    here the value stays the reward and the inf reaches the ControlNet's gradients, where the GradScaler sees it
+    and skips the step, as it does with the anchors' single backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x0, losses, grad):
+        ctx.save_for_backward(grad)
+        return losses.sum()
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (grad,) = ctx.saved_tensors
+        return upstream * grad, None, None
 
 
 def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -320,3 +320,29 @@ def test_reward_chunk_sizes_are_powers_of_two_up_to_the_limit():
         for limit in (1, 2, 3, 4, 8):
             sizes = chunk_sizes(count, limit)
             assert sum(sizes) == count and all(s <= limit and s & (s - 1) == 0 for s in sizes)
+
+
+class _InfBackward(torch.autograd.Function):
+    """Identity whose backward overflows (what an fp16 inner backward at too high a loss scale produces)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_split_reward_value_stays_finite_when_its_backward_overflows():
+    case = _reward_case([50, 100, 900])
+    condition = IdentityNormCondition(_InfBackward.apply)
+    pred = case.pop("model_pred").requires_grad_(True)
+    direct, _ = reward_loss(model_pred=pred, vae=CountingVAE(), condition=condition, window=(0, 200), **case)
+    split = SplitReward(CountingVAE(), condition)
+    term, _ = reward_loss(model_pred=pred, vae=split.vae, condition=condition, window=(0, 200), split=split, **case)
+    # The loss value is the reward (finite), so the non-finite-loss guard does not stop training ...
+    assert torch.isfinite(term) and term.item() == pytest.approx(direct.item(), rel=1e-6)
+    # ... and the overflow reaches the trainable side's gradient, where the GradScaler finds it and skips the step.
+    (grad,) = torch.autograd.grad(term, pred)
+    assert not torch.isfinite(grad[:2]).all() and torch.count_nonzero(grad[2]) == 0
