@@ -245,6 +245,11 @@ def _validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, dotted)
         if value not in allowed:
             raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.model.reward_cuda_graph_max_chunk < 1:
+        raise ConfigError(
+            "model.reward_cuda_graph_max_chunk is the number of samples one reward graph replay takes and must be "
+            f">= 1, got {cfg.model.reward_cuda_graph_max_chunk}"
+        )
     if not 0.0 <= cfg.data.caption_dropout <= 1.0:
         raise ConfigError(f"data.caption_dropout must lie in [0, 1], got {cfg.data.caption_dropout}")
 

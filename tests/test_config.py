@@ -85,3 +85,9 @@ def test_readme_configuration_reference_is_current():
     assert start in readme and end in readme
     table = readme.split(start, 1)[1].split(end, 1)[0]
     assert table == describe_schema(), "README out of date: paste the output of `python -m innercontrol.config`"
+
+
+def test_reward_graph_chunk_must_be_positive():
+    with pytest.raises(ConfigError, match="reward_cuda_graph_max_chunk .* must be >= 1, got 0"):
+        load_config(None, ["model.reward_cuda_graph_max_chunk=0"])
+    assert load_config(None, ["model.reward_cuda_graph_max_chunk=2"]).model.reward_cuda_graph_max_chunk == 2
