@@ -270,13 +270,6 @@ def train(cfg) -> Path:
             )
         probe.to(device, dtype=weight_dtype)
     split = None
-    if weights.reward_weight > 0 and cfg.optim.mixed_precision == "fp16" and weights.reward_window[1] > 500:
-        logger.warning(
-            "loss.reward_window reaches t=%d under fp16: x0_hat = (x_t - sqrt(1-a_t) eps) / sqrt(a_t) grows large "
-            "at high t and the fp16 VAE decode can overflow (NaN reward). The published windows end at 400 (depth) "
-            "and 200; for wider ones use optim.mixed_precision=bf16.",
-            weights.reward_window[1],
-        )
     if weights.reward_weight > 0:
         split = SplitReward(
             sd.vae,
