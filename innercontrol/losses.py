@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from innercontrol.reward import SplitReward, cycle_losses, device_index, per_sample_mse
+from innercontrol.reward import SplitReward, cycle_losses, per_sample_mse, row_indexer
 
 
 def in_window(timesteps: torch.Tensor, window) -> torch.Tensor:
@@ -32,11 +32,6 @@ def window_indices(timesteps: torch.Tensor, window, host_timesteps: Optional[tor
     """
     source = host_timesteps if host_timesteps is not None else timesteps
     return in_window(source.cpu(), window).nonzero(as_tuple=True)[0].tolist()
-
-
-def _rows(index: list[int], batch: int, device: torch.device):
-    """Indexer for the in-window rows: a plain slice when every sample is in the window (no gather copy)."""
-    return slice(None) if len(index) == batch else device_index(index, device)
 
 
 def _zero(reference: torch.Tensor) -> torch.Tensor:
@@ -103,7 +98,7 @@ def reward_loss(
     if split is not None:
         x0 = predict_x0(noisy_latents, model_pred, timesteps, alphas_cumprod, prediction_type)
         return split(x0, control, index), count
-    rows = _rows(index, len(timesteps), model_pred.device)
+    rows = row_indexer(index, model_pred.device)
     x0 = predict_x0(noisy_latents[rows], model_pred[rows], timesteps[rows], alphas_cumprod, prediction_type)
     return cycle_losses(x0, control[rows], vae, condition).mean(), count
 
@@ -126,7 +121,7 @@ def alignment_loss(
     index = window_indices(timesteps, window, host_timesteps)
     if not index:
         return _zero(control), 0
-    rows = _rows(index, len(timesteps), control.device)
+    rows = row_indexer(index, control.device)
     prediction = probe([f[rows] for f in features], time_embedding[rows])
     return alignment_error(prediction, control[rows], condition).mean(), len(index)
 

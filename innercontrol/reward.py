@@ -155,16 +155,17 @@ class SplitReward:
             term = x0.new_zeros((), dtype=torch.float32)
             start = 0
             for size in chunk_sizes(len(index), self.max_chunk) if use_graph else []:
-                rows = _rows(index[start : start + size], x0.device)
+                rows = row_indexer(index[start : start + size], x0.device)
                 x0_in, control_in = x0[rows], control[rows]
-                graph = self._graphed(x0_in.detach().float(), control_in, scale)
+                x0_value = x0_in.detach().float()
+                graph = self._graphed(x0_value, control_in, scale)
                 if graph is None:
                     break
-                losses, grad = graph(x0_in.detach().float(), control_in, scale)
+                losses, grad = graph(x0_value, control_in, scale)
                 term = term + self._surrogate(x0_in, losses, grad)
                 start += size
             if start < len(index):  # eager: the rest (all of it without graphs) in one batch
-                rows = _rows(index[start:], x0.device)
+                rows = row_indexer(index[start:], x0.device)
                 x0_in, control_in = x0[rows], control[rows]
                 losses, grad = self._losses_and_gradients(x0_in, control_in, scale)
                 term = term + self._surrogate(x0_in, losses, grad)
@@ -228,8 +229,9 @@ def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
-def _rows(index: list[int], device: torch.device):
-    """Indexer of the given rows: a slice when they are consecutive (no copy to the device), else an index tensor."""
+def row_indexer(index: list[int], device: torch.device):
+    """Indexer of the given rows: a slice when they are consecutive, e.g. the whole batch (no gather copy and no
+    copy to the device), else an index tensor."""
     if index == list(range(index[0], index[0] + len(index))):
         return slice(index[0], index[0] + len(index))
     return device_index(index, device)

@@ -346,3 +346,13 @@ def test_split_reward_value_stays_finite_when_its_backward_overflows():
     # ... and the overflow reaches the trainable side's gradient, where the GradScaler finds it and skips the step.
     (grad,) = torch.autograd.grad(term, pred)
     assert not torch.isfinite(grad[:2]).all() and torch.count_nonzero(grad[2]) == 0
+
+
+def test_row_indexer_slices_consecutive_rows_and_gathers_the_rest():
+    from innercontrol.reward import row_indexer
+
+    x = torch.arange(5)
+    assert row_indexer([0, 1, 2, 3, 4], x.device) == slice(0, 5)  # the whole batch: no gather copy
+    assert row_indexer([2, 3], x.device) == slice(2, 4)
+    gathered = row_indexer([0, 2, 4], x.device)
+    assert isinstance(gathered, torch.Tensor) and x[gathered].tolist() == [0, 2, 4]
