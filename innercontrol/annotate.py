@@ -10,6 +10,8 @@ Every image under --input (png, jpg, jpeg, webp; subfolders kept) becomes OUTPUT
 when the map's three channels agree (all built-in conditions), RGB otherwise. Outputs that exist are skipped, so an
 interrupted run resumes where it stopped; each PNG is written under a temporary name and renamed into place, so a
 half-written file is never mistaken for a finished one. Unreadable images are skipped and listed at the end.
+OUTPUT/annotate.json records the request (condition, model and its content hash, input, split, resolution): a
+different request into the same folder is refused rather than answered with the maps already there.
 
 A dataset (anything data.dataset accepts; --dataset forces this for a folder that also holds images) is read
 through innercontrol.data; each row becomes OUTPUT/<row id>.png (the row index, or the image hash when streamed).
@@ -18,7 +20,9 @@ through innercontrol.data; each row becomes OUTPUT/<row id>.png (the row index, 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +33,7 @@ import torch
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+REQUEST_FILE = "annotate.json"
 
 
 @dataclass
@@ -152,6 +157,56 @@ def _clashing_outputs(targets: dict[Path, Path]) -> list[str]:
     return clashes
 
 
+def request_fingerprint(args, from_folder: bool) -> dict:
+    """What decides the maps' pixels: the condition model (by content), the images it reads, their resolution."""
+    from innercontrol.fingerprint import content_digest, normalized_path
+
+    local_model = args.model is not None and Path(args.model).expanduser().exists()
+    return {
+        "condition": args.condition,
+        "model": normalized_path(args.model),
+        "model_sha256": content_digest(args.model) if local_model else None,
+        "purpose": args.purpose if args.model is None else None,  # picks the published default
+        "input": normalized_path(args.input),
+        "source": "folder" if from_folder else "dataset",
+        "split": None if from_folder else args.split,
+        "image_column": None if from_folder else args.image_column,
+        "resolution": args.resolution,
+    }
+
+
+def claim_output(output_dir: Path, request: dict, inputs: list[Path]) -> Optional[str]:
+    """Record `request` in output_dir, or say why its maps cannot go there (None when they can)."""
+    record = output_dir / REQUEST_FILE
+    if record.is_file():
+        found = json.loads(record.read_text())
+        changed = [f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in request.items() if found.get(k) != v]
+        if changed:
+            return (
+                f"--output {output_dir} holds maps of another request ({'; '.join(changed)}); pass another --output "
+                "or delete the folder"
+            )
+        return None
+    ours = {path.resolve() for path in inputs}
+    strays = [p for p in sorted(output_dir.rglob("*.png")) if p.resolve() not in ours] if output_dir.is_dir() else []
+    if strays:
+        return (
+            f"--output {output_dir} holds {len(strays)} PNG file(s) (e.g. {strays[0]}) but no {REQUEST_FILE} saying "
+            "what made them; pass another --output or delete them"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    temporary = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(request, indent=1))
+    os.replace(temporary, record)
+    return None
+
+
+def cli_hint(message: str) -> str:
+    """A condition loader's advice in this command's terms: its config keys are the --model flag here."""
+    message = re.sub(r"condition\.(reward|eval)_model=", "--model ", message)
+    return re.sub(r" \(in Python: get_condition\(.*?\)\)", "", message)
+
+
 def main(argv: Optional[list[str]] = None) -> AnnotateResult:
     from innercontrol.conditions import CONDITIONS, get_condition
 
@@ -189,16 +244,28 @@ def main(argv: Optional[list[str]] = None) -> AnnotateResult:
             "parquet file or folder, save_to_disk folder)"
         )
     from_folder = not args.dataset and input_dir.is_dir() and bool(find_images(input_dir))
-    condition = get_condition(
-        args.condition, model_path=args.model, device=args.device, purpose=args.purpose, trust_pickle=args.trust_pickle
-    )
+    if not from_folder and not args.resolution:
+        parser.error("dataset input needs --resolution > 0 (rows are batched at one size)")
+    try:
+        condition = get_condition(
+            args.condition,
+            model_path=args.model,
+            device=args.device,
+            purpose=args.purpose,
+            trust_pickle=args.trust_pickle,
+        )
+    except (OSError, RuntimeError, ValueError) as err:  # missing or unreadable weights, hub out of reach
+        sys.exit(f"annotate: {cli_hint(str(err))}")
+    # Claimed only once the model loaded, so a failed command does not tie the folder to its request.
+    inputs = find_images(input_dir) if from_folder else []
+    problem = claim_output(output_dir, request_fingerprint(args, from_folder), inputs)
+    if problem:
+        parser.error(problem)
     if from_folder:
         result = annotate_folder(condition, input_dir, output_dir, args.batch_size, args.resolution, args.device)
     else:
         from innercontrol.config import DataConfig
 
-        if not args.resolution:
-            parser.error("dataset input needs --resolution > 0 (rows are batched at one size)")
         data_cfg = DataConfig(
             dataset=args.input,
             split=args.split,
@@ -219,4 +286,6 @@ def main(argv: Optional[list[str]] = None) -> AnnotateResult:
 
 
 if __name__ == "__main__":
-    main()
+    from innercontrol.cli import run_cli
+
+    run_cli(main)

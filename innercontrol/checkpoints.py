@@ -3,17 +3,44 @@
 A checkpoint folder `checkpoint-<step>` holds accelerate's state (trainable model, optimizer, LR schedule, RNG of
 every process, registered objects such as the EMA), `data_state_<rank>.json` for every process and, written last,
 `training_state.json`. Only folders with that last file count, so `latest` is always a complete checkpoint.
+training_state.json also records which job made the checkpoint ("train" or "train_probes") and which run (an id
+made at a fresh start and kept across resumes): a job never resumes from another job's checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 COMPLETE_MARKER = "training_state.json"
 PREFIX = "checkpoint-"
+# The key naming each job's output folder (checkpoints, config.yaml).
+OUTPUT_KEYS = {"train": "logging.output_dir", "train_probes": "probe.output_dir"}
+logger = logging.getLogger("innercontrol.checkpoints")
+
+
+class OutputFolderError(ValueError):
+    """A fresh run would overwrite another run's outputs, or a resume would load another job's checkpoint."""
+
+
+@dataclass
+class Run:
+    """Which job and run this process continues: its id, and the step and checkpoint it starts from."""
+
+    job: str
+    run_id: str
+    step: int = 0
+    checkpoint: Path | None = None
+
+
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -45,7 +72,9 @@ def find_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator, output_dir, step: int, data_state: dict, extra: dict, total_limit: int) -> Path:
+def save_checkpoint(
+    accelerator, output_dir, run: Run, step: int, data_state: dict, extra: dict, total_limit: int
+) -> Path:
     """Every process calls this; returns the final folder. Nothing is visible as a checkpoint until complete."""
     folder = checkpoint_dir(output_dir)
     final = folder / f"{PREFIX}{step}"
@@ -58,7 +87,8 @@ def save_checkpoint(accelerator, output_dir, step: int, data_state: dict, extra:
     (tmp / f"data_state_{accelerator.process_index}.json").write_text(json.dumps(data_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(dict(extra, step=step), indent=2))
+        state = dict(extra, job=run.job, run_id=run.run_id, step=step)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(state, indent=2))
         if final.exists():  # a checkpoint of the same step from an interrupted earlier run
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -81,15 +111,65 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict]:
     return state, json.loads(data_file.read_text())
 
 
-def resume(accelerator, output_dir, resume_from: str | None, loader) -> tuple[int, Path | None]:
+def checkpoint_job(state: dict) -> str:
+    """The job that wrote a checkpoint's training_state.json."""
+    # Checkpoints from before the job was recorded: only train's carried a "reason".
+    return state.get("job") or ("train" if "reason" in state else "train_probes")
+
+
+def resume(accelerator, job: str, output_dir, resume_from: str | None, loader) -> Run:
     """Restore the run from `logging.resume` (None, "latest" or a folder) into accelerate's objects and the data
-    loader; returns (step, checkpoint folder), (0, None) for a fresh start."""
+    loader. A fresh start gets a new run id; a checkpoint of the other job is refused before anything loads."""
     checkpoint = find_checkpoint(output_dir, resume_from)
     if checkpoint is None:
-        return 0, None
+        return Run(job, new_run_id())
+    recorded = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+    written_by = checkpoint_job(recorded)
+    if written_by != job:
+        raise OutputFolderError(
+            f"{checkpoint} is a checkpoint of {written_by}, not of {job}: {job} cannot resume from it. The two "
+            f"jobs keep their outputs apart (train: logging.output_dir, train_probes: probe.output_dir): point "
+            f"{OUTPUT_KEYS[job]} at a folder of its own instead of {output_dir}, or resume that run with "
+            f"python -m innercontrol.{written_by}"
+        )
     state, data_state = load_checkpoint(accelerator, checkpoint)
     loader.load_state_dict(data_state)
-    return int(state["step"]), checkpoint
+    return Run(job, state.get("run_id") or new_run_id(), int(state["step"]), checkpoint)
+
+
+def prepare_fresh_start(accelerator, outputs: list[Path], resume_from: str | None, overwrite: bool, hint: str):
+    """A fresh run (logging.resume=null) whose `outputs` already hold another run's files stops before writing
+    anything, naming them; logging.overwrite=true removes them first (the main process, once every process has
+    looked). `hint` says how to choose another folder."""
+    if resume_from is not None:
+        if overwrite:
+            raise OutputFolderError(
+                f"logging.overwrite=true starts over and logging.resume={resume_from} continues a run: pass only one"
+            )
+        return
+    found = [path for path in outputs if path.is_file() or path.is_dir() and any(path.iterdir())]
+    if found and not overwrite:
+        raise OutputFolderError(
+            f"another run's outputs are already there: {', '.join(_describe(path) for path in found)}. Nothing was "
+            f"changed. To continue that run pass logging.resume=latest; to keep it, {hint}; to discard it and start "
+            f"over here, logging.overwrite=true"
+        )
+    accelerator.wait_for_everyone()
+    if found and accelerator.is_main_process:
+        for path in found:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        logger.warning("logging.overwrite=true: removed the previous run's %s", ", ".join(map(str, found)))
+    accelerator.wait_for_everyone()
+
+
+def _describe(path: Path) -> str:
+    if path.name == checkpoint_dir("").name and path.is_dir():
+        names = sorted((p.name for p in path.iterdir()), key=lambda name: (len(name), name))
+        return f"{path}/ ({', '.join(names)})"
+    return f"{path}/" if path.is_dir() else str(path)
 
 
 def save_model_atomically(model, folder: str | Path) -> Path:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # YAML 1.1 reads these as booleans; a boolean key accepts them as strings too, so quoting them is safe.
@@ -51,6 +52,12 @@ class ConditionConfig:
     reward_model: Optional[str] = None
     # Weights of the condition model used to score generated images; null = the published default.
     eval_model: Optional[str] = None
+    # Depth reward normalisation. "max" (ControlNet++, the published objective): the prediction divided by its
+    # per-sample max vs the control's channel mean divided by its max. "min_max" (ours): the prediction min-max
+    # scaled per sample (as the MiDaS annotator made control_depth) vs the raw 3-channel control; it matches the
+    # control's own scaling, whose minimum is 0 by construction. Keys named <condition>_<option> reach that
+    # condition's model as the option <option> (innercontrol.conditions.condition_options).
+    depth_reward_normalization: str = "max"
 
 
 @dataclass
@@ -90,13 +97,19 @@ class ProbeConfig:
     path: Optional[str] = None
     # Trust a pickled .pt probe that cannot be read with weights_only=True (runs code from the file).
     trust_pickle: bool = False
+    # Time the probe embeds: "t" or "step_index" (999 - t, how Readout Guidance trained its heads); null = the
+    # probe folder's own setting, and "t" with a warning for a published .pt file.
+    timestep_input: Optional[str] = None
     projection_dim: int = 384
     # Probe pretraining (python -m innercontrol.train_probes).
+    # Its checkpoints and config.yaml (the probe itself goes to path); never ControlNet training's output_dir.
+    output_dir: str = "outputs/probe_run"
     loss: str = "mse"  # "mse" or "balanced" (mean over background + mean over foreground, for edges)
     use_controlnet: bool = False  # run the frozen ControlNet (model.controlnet) during probe pretraining
     empty_prompt: bool = True  # Readout Guidance pretrains with the empty prompt
     lr: float = 1e-3
-    weight_decay: float = 1e-2
+    weight_decay: float = 0.0  # Readout Guidance's recipe
+    # Global batch (Readout Guidance: 8 on one device), divided over the processes; it must divide evenly.
     batch_size: int = 8
     max_steps: int = 5000
     eval_samples: int = 64
@@ -124,12 +137,16 @@ class OptimConfig:
 
 @dataclass
 class LoggingConfig:
+    # ControlNet training's checkpoints, logs, config.yaml and final model (probe pretraining: probe.output_dir).
     output_dir: str = "outputs/run"
     log_every: int = 10
     checkpoint_every: int = 500
     checkpoint_total_limit: int = 3
     # null = start fresh; "latest" = newest checkpoint in output_dir; or a checkpoint folder.
     resume: Optional[str] = None
+    # A fresh start into a folder holding another run's checkpoints, config.yaml or final model stops, unless
+    # this is true: then that run's outputs are removed first.
+    overwrite: bool = False
     validation_every: int = 500
     validation_prompts: list[str] = field(default_factory=lambda: ["a photo of a living room", "a cat on a sofa"])
     validation_images: list[str] = field(default_factory=list)
@@ -230,28 +247,179 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"bad value in {source} for '{key}': {err.msg if hasattr(err, 'msg') else err}") from None
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values one key accepts: `accepts(value)` is true inside the range, `allowed` says it in words."""
+
+    accepts: Callable[[Any], bool]
+    allowed: str | Callable[[], str]
+    meaning: str = ""  # what the key is, when its name does not say it
+
+    def describe(self) -> str:
+        return self.allowed() if callable(self.allowed) else self.allowed
+
+    def error(self, key: str, value: Any) -> str:
+        meaning = f" ({self.meaning})" if self.meaning else ""
+        shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+        return f"{key}={shown!r} is not allowed: {key}{meaning} must be {self.describe()}"
+
+
+def at_least(low: float, meaning: str = "") -> Range:
+    return Range(lambda v: v >= low, f">= {low}", meaning)
+
+
+def above(low: float, meaning: str = "") -> Range:
+    return Range(lambda v: v > low, f"> {low}", meaning)
+
+
+def within(low: float, high: float, meaning: str = "", open_high: bool = False) -> Range:
+    if open_high:
+        return Range(lambda v: low <= v < high, f"in [{low}, {high})", meaning)
+    return Range(lambda v: low <= v <= high, f"in [{low}, {high}]", meaning)
+
+
+def one_of(*choices: Any, meaning: str = "") -> Range:
+    names = ", ".join("null" if c is None else str(c) for c in choices)
+    return Range(lambda v: v in choices, f"one of {names}", meaning)
+
+
+def optional(inner: Range) -> Range:
+    """null, or a value inside `inner`."""
+    return Range(lambda v: v is None or inner.accepts(v), lambda: f"null or {inner.describe()}", inner.meaning)
+
+
+def _registered_conditions() -> list[str]:
+    from innercontrol.conditions import CONDITIONS  # importing the package registers every condition
+
+    return sorted(CONDITIONS)
+
+
+ANY = Range(lambda v: True, "any")  # free text, or a path that its loader checks with its own message
+NOT_EMPTY = Range(lambda v: bool(v.strip()), "a non-empty string")
+# The VAE maps 8 x 8 pixels to one latent: other sizes fail deep inside the UNet, or only after generating.
+PIXELS = Range(lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8 (the VAE encodes 8x8 pixel blocks)")
+# Inside numpy's seed range, also after the small offsets processes and images add.
+SEED = within(0, 2**31 - 1)
+PRECISION = one_of("no", "fp16", "bf16")
+# diffusers.optimization.get_scheduler names that need no extra arguments.
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# accelerate's trackers (log_with), plus "none".
+TRACKERS = (
+    "none",
+    "tensorboard",
+    "wandb",
+    "trackio",
+    "comet_ml",
+    "aim",
+    "mlflow",
+    "clearml",
+    "dvclive",
+    "swanlab",
+    "all",
+)
+TIMESTEP_WINDOW = Range(
+    lambda w: len(w) == 2 and 0 <= w[0] <= w[1] <= 999, "[t_min, t_max] with 0 <= t_min <= t_max <= 999"
+)
+
+# The range of every key of the schema (booleans need none: the schema's types already hold them to true/false).
+# tests/test_config.py checks that no key is left out.
+RANGES: dict[str, Range] = {
+    "seed": SEED,
+    # model
+    "model.pretrained_model": NOT_EMPTY,
+    "model.controlnet": optional(NOT_EMPTY),
+    "model.revision": optional(NOT_EMPTY),
+    "model.variant": optional(NOT_EMPTY),
+    "model.tap": one_of("attn", "conv"),
+    "model.reward_cuda_graph_max_chunk": at_least(1, "the number of samples one reward graph replay takes"),
+    # condition
+    "condition.name": Range(
+        lambda v: v in _registered_conditions(),
+        lambda: "a registered condition: " + ", ".join(_registered_conditions()),
+    ),
+    "condition.reward_model": optional(NOT_EMPTY),
+    "condition.eval_model": optional(NOT_EMPTY),
+    "condition.depth_reward_normalization": one_of("max", "min_max"),
+    # data
+    "data.dataset": NOT_EMPTY,
+    "data.split": NOT_EMPTY,
+    "data.image_column": NOT_EMPTY,
+    "data.caption_column": NOT_EMPTY,
+    "data.control_column": optional(NOT_EMPTY),
+    "data.resolution": PIXELS,
+    "data.caption_dropout": within(0, 1, "the fraction of captions replaced by the empty one"),
+    "data.shuffle_buffer": at_least(1, "rows in the streaming shuffle buffer"),
+    "data.num_workers": at_least(0, "decoding processes; 0 decodes inline"),
+    "data.max_bad_fraction": within(0, 1, "the fraction of undecodable rows tolerated"),
+    "data.max_samples": optional(at_least(1)),
+    # loss
+    "loss.reward_weight": at_least(0),
+    "loss.reward_window": TIMESTEP_WINDOW,
+    "loss.alignment_weight": at_least(0),
+    "loss.alignment_window": TIMESTEP_WINDOW,
+    # probe
+    "probe.path": optional(NOT_EMPTY),
+    "probe.timestep_input": one_of(None, "t", "step_index"),
+    "probe.projection_dim": at_least(4, "its bottleneck is projection_dim // 4 channels wide"),
+    "probe.output_dir": NOT_EMPTY,
+    "probe.loss": one_of("mse", "balanced"),
+    "probe.lr": above(0),
+    "probe.weight_decay": at_least(0),
+    "probe.batch_size": at_least(1, "the global batch"),
+    "probe.max_steps": at_least(1),
+    "probe.eval_samples": at_least(1, "held-out rows the probe is scored on"),
+    "probe.collapse_std": at_least(0),
+    # optim
+    "optim.lr": above(0),
+    "optim.weight_decay": at_least(0),
+    "optim.adam_beta1": within(0, 1, open_high=True),
+    "optim.adam_beta2": within(0, 1, open_high=True),
+    "optim.adam_eps": above(0),
+    "optim.max_grad_norm": above(0, "the gradient norm is clipped to it"),
+    "optim.lr_schedule": one_of(*LR_SCHEDULES),
+    "optim.warmup_steps": at_least(0),
+    "optim.max_steps": at_least(1),
+    "optim.batch_size": at_least(1, "the batch per process"),
+    "optim.gradient_accumulation": at_least(1),
+    "optim.mixed_precision": PRECISION,
+    "optim.ema_decay": within(0, 1),
+    # logging
+    "logging.output_dir": NOT_EMPTY,
+    "logging.log_every": at_least(1, "in optimizer steps"),
+    "logging.checkpoint_every": at_least(1, "in optimizer steps"),
+    "logging.checkpoint_total_limit": at_least(1, "checkpoints kept"),
+    "logging.resume": optional(NOT_EMPTY),
+    "logging.validation_every": at_least(0, "in optimizer steps; 0 = no validation grids"),
+    "logging.validation_prompts": ANY,
+    "logging.validation_images": ANY,
+    "logging.report_to": one_of(*TRACKERS),
+    # eval
+    "eval.dataset": NOT_EMPTY,
+    "eval.split": NOT_EMPTY,
+    "eval.image_column": NOT_EMPTY,
+    "eval.caption_column": NOT_EMPTY,
+    "eval.control_column": optional(NOT_EMPTY),
+    "eval.output_dir": NOT_EMPTY,
+    "eval.resolution": PIXELS,
+    "eval.num_inference_steps": at_least(1),
+    "eval.guidance_scale": at_least(0, "classifier-free guidance; 1 = none"),
+    "eval.negative_prompt": ANY,
+    "eval.images_per_prompt": within(1, 1024),
+    "eval.batch_size": at_least(1),
+    "eval.seed": SEED,
+    "eval.max_samples": optional(at_least(1)),
+    "eval.mixed_precision": PRECISION,
+    "eval.clip_model": NOT_EMPTY,
+    "eval.inception_weights": optional(NOT_EMPTY),
+}
+
+
 def _validate(cfg: DictConfig) -> None:
-    for name in ("reward_window", "alignment_window"):
-        window = cfg.loss[name]
-        if len(window) != 2 or not 0 <= window[0] <= window[1] <= 999:
-            raise ConfigError(f"loss.{name} must be [t_min, t_max] with 0 <= t_min <= t_max <= 999, got {list(window)}")
-    choices = {
-        "model.tap": ("attn", "conv"),
-        "optim.mixed_precision": ("no", "fp16", "bf16"),
-        "eval.mixed_precision": ("no", "fp16", "bf16"),
-        "probe.loss": ("mse", "balanced"),
-    }
-    for dotted, allowed in choices.items():
-        value = OmegaConf.select(cfg, dotted)
-        if value not in allowed:
-            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
-    if cfg.model.reward_cuda_graph_max_chunk < 1:
-        raise ConfigError(
-            "model.reward_cuda_graph_max_chunk is the number of samples one reward graph replay takes and must be "
-            f">= 1, got {cfg.model.reward_cuda_graph_max_chunk}"
-        )
-    if not 0.0 <= cfg.data.caption_dropout <= 1.0:
-        raise ConfigError(f"data.caption_dropout must lie in [0, 1], got {cfg.data.caption_dropout}")
+    """Every value inside its range (RANGES), checked at load time so that a bad one fails before any work."""
+    for key, allowed in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if not allowed.accepts(value):
+            raise ConfigError(allowed.error(key, value))
 
 
 def precision_dtype(mixed_precision: str):
@@ -262,14 +430,18 @@ def precision_dtype(mixed_precision: str):
 
 
 def describe_schema() -> str:
-    """Markdown table of every key with its default (for the README's configuration reference)."""
+    """Markdown table of every key with its default and allowed values (the README's configuration reference)."""
     defaults = OmegaConf.structured(Config)
-    rows = ["| key | default |", "| --- | --- |"]
+    rows = ["| key | default | allowed |", "| --- | --- | --- |"]
     for key in valid_keys():
         value = OmegaConf.select(defaults, key)
         if isinstance(value, DictConfig) or hasattr(value, "__iter__") and not isinstance(value, str):
             value = OmegaConf.to_container(value) if not isinstance(value, str) else value
-        rows.append(f"| `{key}` | `{value}` |")
+        if key in RANGES:
+            allowed = RANGES[key].describe() + (f" ({RANGES[key].meaning})" if RANGES[key].meaning else "")
+        else:  # a boolean
+            allowed = "true or false" if value is not None else "null, true or false"
+        rows.append(f"| `{key}` | `{value}` | {allowed} |")
     return "\n".join(rows)
 
 

@@ -10,7 +10,7 @@ Hooks exist only inside `tap_decoder_features`, so nothing is captured by later 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -79,19 +79,27 @@ def tap_decoder_features(unet: nn.Module, tap: str) -> Iterator[list[torch.Tenso
 class ControlledOutput:
     noise_pred: torch.Tensor  # the UNet's prediction (epsilon or v)
     features: list[torch.Tensor]  # tapped decoder maps in tap order (empty when tap is None)
-    time_embedding: torch.Tensor  # unet.time_embedding(unet.time_proj(t)), the probe's timestep input
+    time_embedding: torch.Tensor  # the UNet's embedding of the probe's timesteps (t, or 999 - t for step-index heads)
 
 
 class ControlledUNet(nn.Module):
     """Trainable ControlNet feeding residuals into a frozen UNet; one call = one denoising forward pass.
 
-    controlnet=None runs the UNet alone (probe pretraining without a ControlNet)."""
+    controlnet=None runs the UNet alone (probe pretraining without a ControlNet). probe_timesteps maps t to the
+    timesteps the probe embeds (ControlProbe.probe_timesteps; None = t itself, the UNet's own embedding)."""
 
-    def __init__(self, unet: nn.Module, controlnet: nn.Module | None, tap: str | None = "attn"):
+    def __init__(
+        self,
+        unet: nn.Module,
+        controlnet: nn.Module | None,
+        tap: str | None = "attn",
+        probe_timesteps: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.unet = unet
         self.controlnet = controlnet
         self.tap = tap
+        self.probe_timesteps = probe_timesteps
         self.unet.requires_grad_(False)
 
     def time_embedding(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -137,7 +145,10 @@ class ControlledUNet(nn.Module):
                     )
         finally:
             hook.remove()
-        return ControlledOutput(noise_pred=noise_pred, features=list(features), time_embedding=time_embedding[0])
+        embedding = time_embedding[0]
+        if self.probe_timesteps is not None:
+            embedding = self.time_embedding(self.probe_timesteps(timesteps), embedding.dtype)
+        return ControlledOutput(noise_pred=noise_pred, features=list(features), time_embedding=embedding)
 
     def _unet(self, sample, timesteps, encoder_hidden_states, down_residuals, mid_residual):
         return self.unet(

@@ -10,18 +10,31 @@ Stages, each the real entry point with configs/tiny.yaml (paths re-pointed under
   5. python -m innercontrol.evaluate      generation, depth RMSE, CLIP score, report; probe readout
 The tiny models have random weights (the DPT reward model too), so the numbers exercise the machinery: they say
 nothing about SD1.5. FID is skipped (clean-fid's Inception weights need a download).
+Running it again starts over: the training stages pass logging.overwrite=true and the evaluation folder is
+cleared, replacing the earlier demo's runs (evaluation refuses to mix images of other weights in one folder).
+Paths under the working directory are passed relative, so the reports carry no absolute path of this machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def shown(path: Path) -> Path:
+    """`path` relative to the working directory when it lies under it (commands in reports stay portable)."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def path_overrides(out: Path) -> list[str]:
@@ -54,10 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe-steps", type=int, default=None, help="default: probe.max_steps of tiny.yaml")
     parser.add_argument("--train-steps", type=int, default=None, help="default: optim.max_steps of tiny.yaml")
     args = parser.parse_args(argv)
-    out = Path(args.out).resolve()
+    out = shown(Path(args.out))
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    common = ["--config", str(CONFIG), *path_overrides(out)]
+    common = ["--config", str(shown(CONFIG)), *path_overrides(out)]
 
     run("1/5 tiny pipeline", ["innercontrol.tiny", "--out", str(out / "tiny")])
     run(
@@ -77,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         [
             "innercontrol.train_probes",
             *common,
-            f"logging.output_dir={out / 'probe_run'}",
+            f"probe.output_dir={out / 'probe_run'}",
+            "logging.overwrite=true",
             *([f"probe.max_steps={args.probe_steps}"] if args.probe_steps else []),
             "logging.checkpoint_every=100000",
         ],
@@ -88,9 +102,11 @@ def main(argv: list[str] | None = None) -> None:
             "innercontrol.train",
             *common,
             f"logging.output_dir={out / 'train'}",
+            "logging.overwrite=true",
             *([f"optim.max_steps={args.train_steps}"] if args.train_steps else []),
         ],
     )
+    shutil.rmtree(out / "eval", ignore_errors=True)  # its images came from the ControlNet just replaced
     run(
         "5/5 evaluation",
         [
@@ -114,4 +130,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from innercontrol.cli import run_cli
+
+    run_cli(main)

@@ -19,8 +19,11 @@ fed to the ControlNet), images/group_{g}/{index}.png, metrics.json, report.md, p
 Image (index, g) is generated from the seed (eval.seed * 1_000_003 + index) * 1024 + g and every pipeline call has
 eval.batch_size images (the last one padded), so the images do not depend on the number of processes (byte-equal
 on CPU and on an H200 in fp16; another eval.batch_size can move GPU pixels by one level). Rerunning over the same
-folder generates only the missing images and refuses other generation settings; metrics of runs with different
---metrics are merged. Samples go to processes by index % num_processes.
+folder generates only the missing images and refuses other generation settings (generation.json, written once the
+models load, records them; the models by the sha256 of their files, so weights retrained in the same folder are
+another setting; paths are compared as absolute paths); metrics of runs with different --metrics are merged. Each
+metric is written as soon as it finishes; one that fails is recorded under "errors" in metrics.json and report.md,
+the others are kept, and the command exits with code 1. Samples go to processes by index % num_processes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Optional
@@ -38,7 +43,9 @@ from PIL import Image
 from innercontrol import metrics
 from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.distributed import finish
+from innercontrol.fingerprint import content_digest, normalized_path
 from innercontrol.hub import resolve_model
+from innercontrol.models import controlnet_folder, stable_diffusion_folder
 from innercontrol.report import (
     GRID_ROWS,
     image_path,
@@ -85,16 +92,28 @@ def batches(items: list, size: int) -> list[list]:
 # The eval set: exported once by the main process, so every process and every rerun sees the same indices.
 
 
+PATH_KEYS = ("dataset",)  # spelled relative or absolute: compared as absolute paths
+LOCATION_KEYS = ("controlnet", "pretrained_model")  # recorded only: the weights are compared by content hash
+
+
 def eval_set_fingerprint(cfg) -> dict:
     keys = ("dataset", "split", "image_column", "caption_column", "control_column", "resolution", "max_samples")
-    return {key: cfg.eval[key] for key in keys}
+    fingerprint = {key: cfg.eval[key] for key in keys}
+    return {**fingerprint, "dataset": normalized_path(fingerprint["dataset"])}
 
 
 def generation_fingerprint(cfg, controlnet: str, dtype: torch.dtype) -> dict:
+    """The settings behind the generated images; the models by the sha256 of their files, so retrained weights in
+    the same folder are a different setting (content_digest hashes each file once per process)."""
     keys = ("num_inference_steps", "guidance_scale", "negative_prompt", "images_per_prompt", "seed", "resolution")
+    controlnet_folder = resolve_controlnet(controlnet)
+    pretrained_folder = stable_diffusion_folder(cfg.model.pretrained_model)
     return {
-        "pretrained_model": cfg.model.pretrained_model,
-        "controlnet": controlnet,
+        "pretrained_model": normalized_path(cfg.model.pretrained_model),
+        "controlnet": normalized_path(controlnet),
+        "pretrained_model_sha256": content_digest(pretrained_folder),
+        "controlnet_sha256": content_digest(controlnet_folder),
+        "variant": cfg.model.variant,
         "dtype": str(dtype).replace("torch.", ""),
         **{key: cfg.eval[key] for key in keys},
     }
@@ -103,8 +122,9 @@ def generation_fingerprint(cfg, controlnet: str, dtype: torch.dtype) -> dict:
 def check_fingerprint(path: Path, expected: dict, what: str) -> None:
     """Refuse to mix outputs of different settings in one folder (resuming must continue the same evaluation)."""
     found = json.loads(path.read_text())
-    found = {k: found.get(k) for k in expected}
-    changed = [f"{k}: {found[k]!r} on disk, {expected[k]!r} now" for k in expected if found[k] != expected[k]]
+    found = {k: normalized_path(found.get(k)) if k in PATH_KEYS else found.get(k) for k in expected}
+    compared = [k for k in expected if k not in LOCATION_KEYS]
+    changed = [f"{k}: {found[k]!r} on disk, {expected[k]!r} now" for k in compared if found[k] != expected[k]]
     if changed:
         raise ConfigError(
             f"{path.parent} holds {what} made with other settings ({'; '.join(changed)}); "
@@ -173,10 +193,7 @@ def compute_missing_controls(cfg, out: Path, indices: list[int], device: torch.d
 
 def resolve_controlnet(name_or_path: str) -> str:
     """A ControlNet folder (config.json inside), a training output holding controlnet/, or a hub id."""
-    folder = resolve_model(name_or_path, what="ControlNet", config_key="--controlnet")
-    if not (Path(folder) / "config.json").is_file() and (Path(folder) / "controlnet" / "config.json").is_file():
-        return str(Path(folder) / "controlnet")
-    return folder
+    return controlnet_folder(name_or_path, config_key="--controlnet")
 
 
 def pipeline_dtype(cfg, device: torch.device) -> torch.dtype:
@@ -191,7 +208,7 @@ def load_pipeline(cfg, controlnet: str, device: torch.device, dtype: torch.dtype
 
     net = ControlNetModel.from_pretrained(resolve_controlnet(controlnet), torch_dtype=dtype)
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
-        resolve_model(cfg.model.pretrained_model),
+        stable_diffusion_folder(cfg.model.pretrained_model),
         controlnet=net,
         safety_checker=None,
         requires_safety_checker=False,
@@ -254,7 +271,11 @@ def control_scores(cfg, condition, out: Path, chunk: list[tuple[int, int]], devi
         return {"rmse": metrics.depth_rmse(predict(generated), label)}
     if condition.metric == "ms_ssim":
         pred = condition(generated)
-        return {"ms_ssim": metrics.ms_ssim(pred, label), "ssim": metrics.ssim(pred, label)}
+        scores = {"ms_ssim": metrics.ms_ssim(pred, label), "ssim": metrics.ssim(pred, label)}
+        if cfg.condition.name == "lineart":  # the published table's way as well, for a like-for-like comparison
+            published = metrics.published_lineart_map
+            scores["ms_ssim_published_uint8"] = metrics.ms_ssim(published(pred), published(label))
+        return scores
     raise ValueError(f"condition '{cfg.condition.name}' has an unknown metric '{condition.metric}'")
 
 
@@ -332,8 +353,38 @@ def make_accelerator():
     )
 
 
+class MetricsFailed(RuntimeError):
+    """Some metrics failed; the others were written. Carries the results; main() exits with code 1."""
+
+    def __init__(self, message: str, results: dict):
+        super().__init__(message)
+        self.results = results
+
+
+def failure_message(err: Exception) -> str:
+    """One line for metrics.json and the log; a traceback too when the failure looks like a bug, not the setup."""
+    if not isinstance(err, (ConfigError, OSError, RuntimeError, ValueError)):
+        traceback.print_exc()
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+def write_results(cfg, out: Path, results: dict, num_samples: int) -> None:
+    """metrics.json, report.md and grid.png as they stand (called after every metric, so a later failure keeps them)."""
+    write_text(out / "metrics.json", json.dumps(results, indent=1))
+    report = report_markdown(cfg, results)
+    if results.get("errors"):
+        report += "\nFailed metrics (no value above; rerun with the fix, the other results are kept):\n\n"
+        report += "".join(f"- {name}: {message}\n" for name, message in results["errors"].items())
+    write_text(out / "report.md", report)
+    make_grid(cfg, out, num_samples)
+
+
 def evaluate(cfg, controlnet: str, wanted: set, accelerator=None, fid_feature_extractor=None) -> Optional[dict]:
-    """Generate the missing images, score them, and write the outputs; returns the metrics on the main process."""
+    """Generate the missing images, score them, and write the outputs; returns the metrics on the main process.
+
+    Each metric's results are written as soon as it finishes; a metric that fails is recorded under "errors" in
+    metrics.json and the main process then raises MetricsFailed (the other processes return None as usual).
+    """
     from accelerate.utils import gather_object
 
     accelerator = accelerator or make_accelerator()
@@ -344,6 +395,7 @@ def evaluate(cfg, controlnet: str, wanted: set, accelerator=None, fid_feature_ex
         raise ConfigError(f"eval.images_per_prompt must be at most {MAX_IMAGES_PER_PROMPT}")
     log = accelerator.print
 
+    pipe = None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         export_eval_set(cfg, out)
@@ -352,6 +404,8 @@ def evaluate(cfg, controlnet: str, wanted: set, accelerator=None, fid_feature_ex
         if settings_file.is_file():
             check_fingerprint(settings_file, fingerprint, "images")
         else:
+            # Load first: a command whose models do not load must not tie the folder to its settings.
+            pipe = load_pipeline(cfg, controlnet, device, dtype)
             write_text(settings_file, json.dumps(fingerprint, indent=1))
     accelerator.wait_for_everyone()
     samples = json.loads((out / "eval_set.json").read_text())["samples"]
@@ -360,8 +414,10 @@ def evaluate(cfg, controlnet: str, wanted: set, accelerator=None, fid_feature_ex
     compute_missing_controls(cfg, out, mine, device)
     todo = missing_images(cfg, out, mine)
     if todo:
-        pipe = load_pipeline(cfg, controlnet, device, dtype)
+        if pipe is None:
+            pipe = load_pipeline(cfg, controlnet, device, dtype)
         generate(cfg, pipe, out, samples, todo, show_progress=accelerator.is_local_main_process)
+    if pipe is not None:
         del pipe
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -372,28 +428,58 @@ def evaluate(cfg, controlnet: str, wanted: set, accelerator=None, fid_feature_ex
         f"process(es) in {out / 'images'}"
     )
 
-    rows = score_images(cfg, wanted, out, samples, mine, device, accelerator.is_local_main_process)
-    rows = gather_object(rows)
+    results, failed = {}, {}  # failed: metric -> message, this run
+    if accelerator.is_main_process:
+        results = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
+        results.update(condition=cfg.condition.name, num_samples=len(samples), settings=fingerprint)
+
+    def record(metric: str, error: Optional[str]) -> None:
+        errors = {k: v for k, v in results.get("errors", {}).items() if k != metric}
+        if error is not None:
+            failed[metric] = errors[metric] = error
+            log(f"{metric} failed: {error}")
+        results.pop("errors", None)
+        if errors:
+            results["errors"] = errors
+        write_results(cfg, out, results, len(samples))
+
+    # Per-image metrics, one at a time: every process scores its share, then the main process merges and writes.
+    for metric in [m for m in ("control", "clip") if m in wanted]:
+        try:
+            scored, error = (
+                score_images(cfg, {metric}, out, samples, mine, device, accelerator.is_local_main_process),
+                None,
+            )
+        except Exception as err:
+            scored, error = [], failure_message(err)
+        gathered = gather_object([(scored, error)])
+        if not accelerator.is_main_process:
+            continue
+        error = next((e for _, e in gathered if e is not None), None)
+        if error is None:  # a metric that failed on any process is not averaged over the others' share
+            all_rows = merge_per_sample(out / "per_sample.csv", [r for rows, _ in gathered for r in rows], samples)
+            write_per_sample(out / "per_sample.csv", all_rows)
+            results.update(summarize(all_rows, cfg.eval.images_per_prompt))
+        record(metric, error)
     if not accelerator.is_main_process:
         return None
 
-    results = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
-    all_rows = merge_per_sample(out / "per_sample.csv", rows, samples)
-    write_per_sample(out / "per_sample.csv", all_rows)
-    results.update(summarize(all_rows, cfg.eval.images_per_prompt))
     if "fid" in wanted:
-        scores = fid_per_group(cfg, out, device, fid_feature_extractor)
-        results.update(fid=sum(scores) / len(scores), fid_per_group=scores)
-    results.update(
-        condition=cfg.condition.name,
-        num_samples=len(samples),
-        settings=generation_fingerprint(cfg, controlnet, dtype),
-    )
-    write_text(out / "metrics.json", json.dumps(results, indent=1))
-    write_text(out / "report.md", report_markdown(cfg, results))
-    make_grid(cfg, out, len(samples))
+        try:
+            scores, error = fid_per_group(cfg, out, device, fid_feature_extractor), None
+            results.update(fid=sum(scores) / len(scores), fid_per_group=scores)
+        except Exception as err:
+            error = failure_message(err)
+        record("fid", error)
+    if not wanted & {"control", "clip", "fid"}:
+        write_results(cfg, out, results, len(samples))
     shown = {k: round(v, 4) for k, v in results.items() if isinstance(v, float)}
     log(f"metrics: {shown}; written to {out / 'metrics.json'}, {out / 'report.md'}")
+    if failed:
+        details = "; ".join(f"{name}: {message}" for name, message in failed.items())
+        raise MetricsFailed(
+            f"{len(failed)} metric(s) failed ({details}); the others are in {out / 'metrics.json'}", results
+        )
     return results
 
 
@@ -433,12 +519,15 @@ def probe_readout(cfg, controlnet: str, probe_path: str, num_samples: int = 8, a
     e = cfg.eval
     dtype = pipeline_dtype(cfg, device)
     pipe = load_pipeline(cfg, controlnet, device, dtype)
-    probe = load_probe(probe_path, trust_pickle=cfg.probe.trust_pickle).to(device)
+    probe = load_probe(probe_path, trust_pickle=cfg.probe.trust_pickle, timestep_input=cfg.probe.timestep_input)
+    probe = probe.to(device)
     tap = probe.config.tap or cfg.model.tap
     condition = get_condition(cfg.condition.name, cfg.condition.eval_model, device=device, purpose="eval")
     errors: dict[int, list[tuple[float, float, int]]] = {}  # step -> [(t, mean error, batch size)]
+    labels = []  # alignment labels of every prompt, for the mean-map baseline
     for chunk in batches(indices, e.batch_size):
         controls = load_images([out / "controls" / f"{i}.png" for i in chunk]).to(device)
+        labels.append(condition.normalize_label(controls.float()))
         with tap_decoder_features(pipe.unet, tap) as features:
             readout = ProbeReadout(probe, features, batch_size=len(chunk))
             pipe(
@@ -456,11 +545,14 @@ def probe_readout(cfg, controlnet: str, probe_path: str, num_samples: int = 8, a
         for step, (timestep, prediction) in readout.predictions.items():
             error = alignment_error(prediction.to(device), controls, condition).mean()
             errors.setdefault(step, []).append((timestep, float(error), len(chunk)))
+    labels = torch.cat(labels)
+    mean_map_mse = float((labels - labels.mean(0, keepdim=True)).pow(2).flatten(1).mean(1).mean())
     table = [
         {
             "step": step,
             "timestep": entries[0][0],
             "probe_mse": sum(err * n for _, err, n in entries) / sum(n for _, _, n in entries),
+            "mean_map_mse": mean_map_mse,
         }
         for step, entries in sorted(errors.items())
     ]
@@ -504,7 +596,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "overrides", nargs="*", help="key=value config overrides, e.g. eval.guidance_scale=3.0 eval.max_samples=100"
     )
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # key=value overrides may follow options too
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -520,9 +612,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.probe:
         probe_readout(cfg, controlnet, args.probe, args.probe_samples, accelerator)
     if wanted or not args.probe:
-        evaluate(cfg, controlnet, wanted, accelerator)
+        try:
+            evaluate(cfg, controlnet, wanted, accelerator)
+        except MetricsFailed as err:  # the other results are written; the exit code says something failed
+            finish(accelerator)
+            sys.exit(f"error: {err}")
     finish(accelerator)  # the others wait for the main process's FID and reports, then all leave together
 
 
 if __name__ == "__main__":
-    main()
+    from innercontrol.cli import run_cli
+
+    run_cli(main)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import glob
 import os
 
 
 class HubUnreachableError(RuntimeError):
     """A hub id was given but neither the cache nor the network can provide it."""
+
+
+class ModelFolderError(FileNotFoundError):
+    """A model folder (given, or the cached snapshot of a hub id) that lacks files its loader reads."""
 
 
 def hub_offline() -> bool:
@@ -59,3 +64,22 @@ def resolve_file(repo_id: str, filename: str, what: str, config_key: str) -> str
         raise HubUnreachableError(
             f"the hub is unreachable for {what} '{repo_id}/{filename}' ({type(err).__name__}); {hint}"
         ) from None
+
+
+def check_model_folder(folder: str, needs: dict[str, tuple[str, ...]], holds: str, config_key: str, name: str) -> None:
+    """Raise ModelFolderError naming the folder, what is missing and what it should hold (`holds`). `needs` maps a
+    part to glob patterns inside the folder, any one of which provides it. Checked before loading: an empty folder
+    otherwise fails deep in diffusers ("no file named config.json") or, for a tokenizer, loads with 2 tokens."""
+    if not os.path.isdir(folder):
+        raise ModelFolderError(f"{config_key} '{folder}' is a file, not a folder: pass a folder that holds {holds}")
+    missing = [
+        part for part, patterns in needs.items() if not any(glob.glob(os.path.join(folder, p)) for p in patterns)
+    ]
+    if not missing:
+        return
+    problem = "is empty" if not os.listdir(folder) else f"lacks {', '.join(missing)}"
+    if os.path.abspath(name) != os.path.abspath(folder):  # a hub id, resolved to the cache's snapshot of it
+        fix = f"the hub cache holds an incomplete copy of '{name}': download it again or pass a complete folder"
+    else:
+        fix = "pass a complete folder"
+    raise ModelFolderError(f"{config_key} folder '{folder}' {problem}: it should hold {holds}; {fix} as {config_key}")

@@ -81,6 +81,14 @@ def ms_ssim(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     )
 
 
+def published_lineart_map(control: torch.Tensor) -> torch.Tensor:
+    """A white-line map in [0,1] as the published line-art evaluation sees it (DESIGN 7): the dark-line drawing
+    1 - control rounded to uint8, inverted in uint8 arithmetic, where 1 - x wraps (0 -> 1, 1 -> 0, v -> 257 - v),
+    then divided by 255. Every value but the darkest two moves by 2/255; pure-black lines become ~0."""
+    drawing = ((1.0 - control.float()).clamp(0, 1) * 255).round().to(torch.int64)
+    return ((1 - drawing) % 256).float() / 255.0
+
+
 def edge_f1(pred_binary: torch.Tensor, label_binary: torch.Tensor, zero_division: float = 0.0) -> torch.Tensor:
     """F1 of binary edge maps per sample, 2TP / (2TP + FP + FN); `zero_division` when both maps are empty."""
     pred = pred_binary.reshape(pred_binary.shape[0], -1) > 0.5

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from innercontrol.hub import resolve_model
+from innercontrol.hub import ModelFolderError, check_model_folder, resolve_model
 
 
 @dataclass
@@ -19,23 +21,79 @@ class StableDiffusionParts:
     folder: str
 
 
+# What from_pretrained reads from each kind of model folder: part -> glob patterns, any one of which provides it.
+STABLE_DIFFUSION_FILES = {
+    "model_index.json": ("model_index.json",),
+    "tokenizer/tokenizer.json (or vocab.json and merges.txt)": ("tokenizer/tokenizer.json", "tokenizer/vocab.json"),
+    **{f"{part}/config.json": (f"{part}/config.json",) for part in ("text_encoder", "vae", "unet")},
+    **{f"{part}/ weights": (f"{part}/*.safetensors", f"{part}/*.bin") for part in ("text_encoder", "vae", "unet")},
+    "scheduler/scheduler_config.json": ("scheduler/scheduler_config.json",),
+}
+STABLE_DIFFUSION_HOLDS = (
+    "a Stable Diffusion model in the diffusers layout (model_index.json, tokenizer/, text_encoder/, vae/, unet/, "
+    "scheduler/), as `hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR` or "
+    "`python -m innercontrol.tiny --out DIR` writes it"
+)
+CONTROLNET_FILES = {
+    "config.json": ("config.json",),
+    "weights (diffusion_pytorch_model.safetensors)": ("*.safetensors", "*.bin"),
+}
+CONTROLNET_HOLDS = (
+    "a diffusers ControlNet (config.json and diffusion_pytorch_model.safetensors), such as the controlnet/ folder a "
+    "training run writes"
+)
+
+
+def stable_diffusion_folder(name_or_path: str, config_key: str = "model.pretrained_model") -> str:
+    """The local folder of a Stable Diffusion hub id or path, checked to hold every part the loaders read."""
+    folder = resolve_model(name_or_path, "Stable Diffusion model", config_key)
+    check_model_folder(folder, STABLE_DIFFUSION_FILES, STABLE_DIFFUSION_HOLDS, config_key, name_or_path)
+    return folder
+
+
+def controlnet_folder(name_or_path: str, config_key: str = "model.controlnet") -> str:
+    """The local folder of a ControlNet: a ControlNet folder, a training output holding controlnet/, or a hub id."""
+    folder = resolve_model(name_or_path, "ControlNet", config_key)
+    inner = os.path.join(folder, "controlnet")
+    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(os.path.join(inner, "config.json")):
+        folder = inner
+    check_model_folder(folder, CONTROLNET_FILES, CONTROLNET_HOLDS, config_key, name_or_path)
+    return folder
+
+
+def _from_pretrained(cls, folder: str, config_key: str, subfolder: Optional[str] = None, **kwargs):
+    """cls.from_pretrained, with the folder and config key named when its files cannot be read."""
+    from safetensors import SafetensorError
+
+    try:
+        return cls.from_pretrained(folder, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError, SafetensorError) as err:  # damaged files (the original error is chained)
+        where = os.path.join(folder, subfolder) if subfolder else folder
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise ModelFolderError(
+            f"cannot load {cls.__name__} from '{where}' ({config_key}): {type(err).__name__}: {first_line}; the files "
+            f"are damaged or incomplete: download or copy them again"
+        ) from err
+
+
 def load_stable_diffusion(model_cfg) -> StableDiffusionParts:
     """Tokenizer, text encoder, VAE, UNet and a DDPM training scheduler, all frozen and in eval mode."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    folder = resolve_model(model_cfg.pretrained_model, "Stable Diffusion model", "model.pretrained_model")
+    key = "model.pretrained_model"
+    folder = stable_diffusion_folder(model_cfg.pretrained_model, key)
     common = dict(revision=model_cfg.revision)
-    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **common)
-    if len(tokenizer) <= 2:
-        raise RuntimeError(
-            f"the tokenizer in '{folder}/tokenizer' has only {len(tokenizer)} tokens (an offline hub id can load "
-            f"empty); pass a complete local folder as model.pretrained_model"
+    tokenizer = _from_pretrained(CLIPTokenizer, folder, key, "tokenizer", **common)
+    if len(tokenizer) <= 2:  # transformers builds a tokenizer of only the special tokens from unreadable files
+        raise ModelFolderError(
+            f"the tokenizer in '{folder}/tokenizer' ({key}) has only {len(tokenizer)} tokens: its tokenizer.json or "
+            f"vocab.json and merges.txt are damaged; it should hold {STABLE_DIFFUSION_HOLDS}"
         )
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **common)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **common)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", variant=model_cfg.variant, **common)
-    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **common)
+    text_encoder = _from_pretrained(CLIPTextModel, folder, key, "text_encoder", **common)
+    vae = _from_pretrained(AutoencoderKL, folder, key, "vae", **common)
+    unet = _from_pretrained(UNet2DConditionModel, folder, key, "unet", variant=model_cfg.variant, **common)
+    scheduler = _from_pretrained(DDPMScheduler, folder, key, "scheduler", **common)
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False).eval()
     return StableDiffusionParts(tokenizer, text_encoder, vae, unet, scheduler, folder)
@@ -47,8 +105,7 @@ def load_controlnet(model_cfg, unet) -> torch.nn.Module:
 
     if model_cfg.controlnet is None:
         return ControlNetModel.from_unet(unet)
-    folder = resolve_model(model_cfg.controlnet, "ControlNet", "model.controlnet")
-    return ControlNetModel.from_pretrained(folder)
+    return _from_pretrained(ControlNetModel, controlnet_folder(model_cfg.controlnet), "model.controlnet")
 
 
 @torch.no_grad()

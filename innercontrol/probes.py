@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,10 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from innercontrol.state_dicts import mismatches
+from innercontrol.state_dicts import looks_like_torch_save, mismatches
 
 CONFIG_NAME = "probe_config.json"
 WEIGHTS_NAME = "probe.safetensors"
+
+
+TIMESTEP_INPUTS = ("t", "step_index")
 
 
 class ProbeLoadError(ValueError):
@@ -75,7 +79,7 @@ class BottleneckBlock(nn.Module):
         Same result as resizing x first, since conv1 and the shortcut are 1x1 convolutions."""
         size = tuple(x.shape[-2:]) if size is None else tuple(size)
         h = F.relu(self.conv1(x, size))
-        if self.emb_layers is not None:
+        if self.emb_layers is not None and time_embedding is not None:
             h = h + F.relu(self.emb_layers(time_embedding))[:, :, None, None]
         h = F.relu(self.conv2(h))
         h = self.conv3(h)
@@ -84,7 +88,10 @@ class BottleneckBlock(nn.Module):
 
 
 class _SequentialBlock(nn.Sequential):
-    """Published `bottleneck_sequential=True` layout (keys `bottleneck_layers.N.0.*`); ignores t."""
+    """Published `bottleneck_sequential=True` layout (keys `bottleneck_layers.N.0.*`); ignores t.
+
+    The published network creates `emb_layers` in every block, so these checkpoints carry its weights: they are
+    loaded (strict key match) and never used."""
 
     def forward(self, x: torch.Tensor, time_embedding: torch.Tensor | None = None, size=None) -> torch.Tensor:
         return self[0](x, None, size)
@@ -97,6 +104,9 @@ class ProbeConfig:
     timestep_embedding_dim: int = 1280
     output_channels: int = 3
     timestep_conditioned: bool = True
+    # Which time the probe embeds: "t" (the real timestep; InnerControl, ours) or "step_index" (999 - t, the index
+    # Readout Guidance's heads were trained with; see TIMESTEP_INPUTS).
+    timestep_input: str = "t"
     # Provenance (not needed to build the network).
     tap: str | None = None
     condition: str | None = None
@@ -109,8 +119,11 @@ class ControlProbe(nn.Module):
     def __init__(self, config: ProbeConfig):
         super().__init__()
         self.config = config
-        embedding_dim = config.timestep_embedding_dim if config.timestep_conditioned else None
-        blocks = [BottleneckBlock(dim, config.projection_dim, embedding_dim) for dim in config.feature_dims]
+        if config.timestep_input not in TIMESTEP_INPUTS:
+            raise ProbeLoadError(f"probe timestep_input={config.timestep_input!r} is not one of {TIMESTEP_INPUTS}")
+        blocks = [
+            BottleneckBlock(dim, config.projection_dim, config.timestep_embedding_dim) for dim in config.feature_dims
+        ]
         if not config.timestep_conditioned:
             blocks = [_SequentialBlock(block) for block in blocks]
         self.bottleneck_layers = nn.ModuleList(blocks)
@@ -123,6 +136,12 @@ class ControlProbe(nn.Module):
             nn.Conv2d(32, config.output_channels, 1),
             nn.Tanh(),
         )
+
+    def probe_timesteps(self, timesteps: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+        """The timesteps whose UNet embedding this probe reads: t, or 999 - t for step-index heads."""
+        if self.config.timestep_input == "step_index":
+            return (num_train_timesteps - 1) - timesteps
+        return timesteps
 
     def check_features(self, features: list[torch.Tensor]) -> None:
         found = [f.shape[1] for f in features]
@@ -158,18 +177,36 @@ class ControlProbe(nn.Module):
         return folder
 
 
-def load_probe(path: str | Path, trust_pickle: bool = False, map_location: str = "cpu") -> ControlProbe:
-    """Load our folder format or a published `.pt` file (strict key match); the probe is in eval mode."""
+def load_probe(
+    path: str | Path, trust_pickle: bool = False, map_location: str = "cpu", timestep_input: str | None = None
+) -> ControlProbe:
+    """Load our folder format or a published `.pt` file (strict key match); the probe is in eval mode.
+
+    timestep_input ("t" or "step_index", config key probe.timestep_input) overrides the time the probe embeds;
+    None keeps the folder's own setting, and reads a published file with the real t after a warning (a Readout
+    Guidance head was trained on the step index 999 - t: read with t, it sees mirrored time).
+    """
     path = Path(path)
+    if timestep_input is not None and timestep_input not in TIMESTEP_INPUTS:
+        raise ProbeLoadError(f"probe.timestep_input={timestep_input!r} is not one of {', '.join(TIMESTEP_INPUTS)}")
     if path.is_dir():
         probe = _load_folder(path)
     elif path.is_file():
         probe = _load_published(path, trust_pickle, map_location)
+        if timestep_input is None:
+            warnings.warn(
+                f"probe '{path}' is a published .pt file, read with the real timestep t. Readout Guidance heads were "
+                f"trained on the step index 999 - t (read with t they see mirrored time): for such a head set "
+                f"probe.timestep_input=step_index; set probe.timestep_input=t to silence this for a head trained on t",
+                stacklevel=2,
+            )
     else:
         raise ProbeLoadError(
             f"probe '{path}' does not exist: train one with train/train_probes.sh CONDITION "
             f"or pass a published .pt file as probe.path"
         )
+    if timestep_input is not None:
+        probe.config.timestep_input = timestep_input
     return probe.eval()
 
 
@@ -182,23 +219,48 @@ def _load_folder(folder: Path) -> ControlProbe:
             raise ProbeLoadError(
                 f"probe folder '{folder}' lacks {needed.name} (written by ControlProbe.save_pretrained)"
             )
-    config = ProbeConfig(**json.loads(config_file.read_text()))
+    try:
+        config = ProbeConfig(**json.loads(config_file.read_text()))
+    except (ValueError, TypeError) as err:  # not JSON, or not the keys of ProbeConfig
+        raise ProbeLoadError(
+            f"'{config_file}' is not a probe config ({type(err).__name__}: {err}); it is written by "
+            f"ControlProbe.save_pretrained: retrain the probe or restore the file"
+        ) from None
     probe = ControlProbe(config)
-    _load_strict(probe, load_file(weights_file), weights_file)
+    try:
+        state = load_file(weights_file)
+    except Exception as err:  # safetensors raises SafetensorError ("header too large") for a corrupt file
+        raise ProbeLoadError(
+            f"'{weights_file}' is not a safetensors checkpoint ({type(err).__name__}: {err}); the file is damaged: "
+            f"retrain the probe or copy {WEIGHTS_NAME} again"
+        ) from None
+    _load_strict(probe, state, weights_file)
     return probe
 
 
 def _load_published(file: Path, trust_pickle: bool, map_location: str) -> ControlProbe:
+    unreadable = (
+        f"probe file '{file}' is not a checkpoint torch.load can read (a probe is a folder with {WEIGHTS_NAME} "
+        f"and {CONFIG_NAME}, or a published .pt file): the file is damaged or of another kind; download or copy it "
+        f"again, or pass another probe.path"
+    )
+    if not looks_like_torch_save(file):
+        raise ProbeLoadError(unreadable)
     try:
         checkpoint = torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as err:
+    except pickle.UnpicklingError as err:  # weights_only refuses what is not tensors and plain containers
         if not trust_pickle:
             raise ProbeLoadError(
-                f"'{file}' cannot be read with torch.load(weights_only=True) ({type(err).__name__}): it needs full "
-                f"unpickling, which runs code from the file. If you trust it, pass probe.trust_pickle=true "
+                f"'{file}' cannot be read with torch.load(weights_only=True) ({str(err).splitlines()[0]}): it needs "
+                f"full unpickling, which runs code from the file. If you trust it, pass probe.trust_pickle=true "
                 f"(load_probe(..., trust_pickle=True))"
             ) from None
-        checkpoint = torch.load(file, map_location=map_location, weights_only=False)
+        try:
+            checkpoint = torch.load(file, map_location=map_location, weights_only=False)
+        except Exception as full_err:  # a damaged file can fail in any way, even with MemoryError
+            raise ProbeLoadError(f"{unreadable} ({type(full_err).__name__}: {full_err})".replace(": )", ")")) from None
+    except Exception as err:
+        raise ProbeLoadError(f"{unreadable} ({type(err).__name__}: {err})".replace(": )", ")")) from None
     if not isinstance(checkpoint, dict) or "aggregation_network" not in checkpoint or "config" not in checkpoint:
         found = list(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ProbeLoadError(
@@ -215,14 +277,20 @@ def _load_published(file: Path, trust_pickle: bool, map_location: str) -> Contro
             f"probe '{file}' was saved with bottleneck_sequential=True: its blocks ignore the timestep", stacklevel=2
         )
     embedding_key = "bottleneck_layers.0.emb_layers.weight"
-    config = ProbeConfig(
-        feature_dims=[int(d) for d in published["dims"]],
-        projection_dim=int(published["projection_dim"]),
-        timestep_embedding_dim=int(state[embedding_key].shape[1]) if embedding_key in state else 1280,
-        output_channels=int(kwargs.get("output_head_channels", 3)),
-        timestep_conditioned=not sequential,
-        extra={k: published[k] for k in ("save_timestep", "num_timesteps") if k in published},
-    )
+    try:
+        config = ProbeConfig(
+            feature_dims=[int(d) for d in published["dims"]],
+            projection_dim=int(published["projection_dim"]),
+            timestep_embedding_dim=int(state[embedding_key].shape[1]) if embedding_key in state else 1280,
+            output_channels=int(kwargs.get("output_head_channels", 3)),
+            timestep_conditioned=not sequential,
+            extra={k: published[k] for k in ("save_timestep", "num_timesteps") if k in published},
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ProbeLoadError(
+            f"'{file}' is not a probe checkpoint: its 'config' needs 'dims' (channels of the tapped maps) and "
+            f"'projection_dim' as Readout Guidance writes them ({type(err).__name__}: {err})"
+        ) from None
     probe = ControlProbe(config)
     _load_strict(probe, state, file)
     return probe

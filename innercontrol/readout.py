@@ -25,7 +25,7 @@ class ProbeReadout:
         # Under classifier-free guidance the UNet batch is [unconditional; conditional]: read the conditional half.
         taps = [feature[-self.batch_size :] for feature in self.features]
         unet = pipeline.unet
-        t = torch.full((self.batch_size,), int(timestep), device=taps[0].device)
+        t = self.probe.probe_timesteps(torch.full((self.batch_size,), int(timestep), device=taps[0].device))
         embedding = unet.time_embedding(unet.time_proj(t).to(unet.dtype))
         self.predictions[step] = (int(timestep), self.probe(taps, embedding).float().cpu())
         self.features.clear()

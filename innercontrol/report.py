@@ -11,10 +11,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 GRID_ROWS = 4
 GRID_CELL = 256
+LABEL_HEIGHT = 16  # pixels of the strip above a grid that names its columns
 
 
 def to_pil(x) -> Image.Image:
@@ -130,6 +131,9 @@ def fmt(value, digits: int) -> str:
 
 
 def report_markdown(cfg, results: dict) -> str:
+    """The metrics beside the published ones; results of the tiny random models are labelled and kept apart."""
+    from innercontrol.tiny import is_tiny
+
     condition, guidance = cfg.condition.name, float(cfg.eval.guidance_scale)
     metric = {"depth": "rmse", "hed": "ms_ssim", "lineart": "ms_ssim", "canny": "f1"}.get(condition)
     header = {"rmse": "RMSE (lower is better)", "ms_ssim": "SSIM* (higher is better)", "f1": "F1 (higher is better)"}
@@ -142,16 +146,32 @@ def report_markdown(cfg, results: dict) -> str:
         f"{cfg.eval.images_per_prompt} images, {cfg.eval.resolution} px, {cfg.eval.num_inference_steps} UniPC steps, "
         f"seed {cfg.eval.seed}.",
         "",
+    ]
+    columns = [
         f"| method | {header.get(metric, metric)} | FID (lower is better) | CLIP score (higher is better) |",
         "| --- | --- | --- | --- |",
     ]
-    for method, (control, fid_value, clip) in published_rows(condition, guidance).items():
-        lines.append(f"| {method} (published) | {fmt(control, digits)} | {fmt(fid_value, 2)} | {fmt(clip, 2)} |")
-    lines.append(
-        f"| **ours** | {fmt(results.get(metric), digits)} | {fmt(results.get('fid'), 2)} | "
-        f"{fmt(results.get('clip_score'), 2)} |"
+    published = [
+        f"| {method} (published) | {fmt(control, digits)} | {fmt(fid_value, 2)} | {fmt(clip, 2)} |"
+        for method, (control, fid_value, clip) in published_rows(condition, guidance).items()
+    ]
+    ours = (
+        f"| {fmt(results.get(metric), digits)} | {fmt(results.get('fid'), 2)} | {fmt(results.get('clip_score'), 2)} |"
     )
-    lines.append("")
+    if is_tiny(cfg.model.pretrained_model):  # innercontrol.tiny's marker file: random weights
+        lines += [
+            f"**Tiny random-weight models** (`{cfg.model.pretrained_model}`, written by `python -m innercontrol.tiny`): "
+            "these numbers test the machinery only and are not comparable with any published result.",
+            "",
+            *columns,
+            f"| ours (tiny random weights) {ours}",
+            "",
+        ]
+        if published:
+            lines += ["Published SD1.5 numbers, for reference only (not comparable with the row above):", ""]
+            lines += [*columns, *published, ""]
+    else:
+        lines += [*columns, *published, f"| **ours** {ours}", ""]
     if not published_rows(condition, guidance):
         lines.append(f"No published numbers for {condition} at guidance {guidance:g} (DESIGN section 6).")
     if metric == "ms_ssim":
@@ -159,6 +179,7 @@ def report_markdown(cfg, results: dict) -> str:
             "*The published column is labelled SSIM; the protocol (DESIGN section 4) is MS-SSIM with data_range 1, "
             f"which our row shows. Our single-scale SSIM: {fmt(results.get('ssim'), 4)}."
         )
+    lines += comparability_notes(condition, results)
     if cfg.eval.resolution < 176 and metric == "ms_ssim":
         lines.append("MS-SSIM at this resolution uses fewer than 5 scales (metrics.ms_ssim): not comparable.")
     if results["num_samples"] < 5000 or cfg.eval.resolution != 512:
@@ -180,6 +201,36 @@ def report_markdown(cfg, results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparability_notes(condition: str, results: dict) -> list[str]:
+    """Where our numbers differ from the published ones by design (DESIGN 7), and how to compare like for like."""
+    if condition == "hed":
+        return [
+            "HED: our reward has a real gradient; ControlNet++'s HED reward ends in a uint8 cast, so its HED runs "
+            "trained without an effective reward term (`loss.reward_weight=0` reproduces that objective)."
+        ]
+    if condition == "lineart":
+        return [
+            "Line art: our MS-SSIM inverts the line maps in float. The published evaluation inverts a uint8 map, "
+            "whose `1 - x` wraps (values 0 and 1 become ~0, every other value moves by 2/255); computed that way, "
+            f"like for like with the published table: {fmt(results.get('ms_ssim_published_uint8'), 4)} "
+            "(`ms_ssim_published_uint8`)."
+        ]
+    return []
+
+
+def with_column_labels(grid: Image.Image, labels: list[str]) -> Image.Image:
+    """The grid below a white strip naming each of its equally wide columns."""
+    labelled = Image.new("RGB", (grid.width, grid.height + LABEL_HEIGHT), "white")
+    labelled.paste(grid, (0, LABEL_HEIGHT))
+    draw, font = ImageDraw.Draw(labelled), ImageFont.load_default()
+    width = grid.width // len(labels)
+    for column, label in enumerate(labels):
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        x = column * width + max(0, (width - (right - left)) // 2)
+        draw.text((x, (LABEL_HEIGHT - (bottom - top)) // 2 - top), label, fill="black", font=font)
+    return labelled
+
+
 def make_grid(cfg, out: Path, num_samples: int) -> Optional[Path]:
     """Rows: control | generated x images_per_prompt | control re-extracted from group 0 (when computed)."""
     rows = [i for i in range(min(GRID_ROWS, num_samples))]
@@ -196,32 +247,40 @@ def make_grid(cfg, out: Path, num_samples: int) -> Optional[Path]:
             if path.is_file():
                 with Image.open(path) as image:
                     grid.paste(image.convert("RGB").resize((cell, cell), Image.BICUBIC), (c * cell, r * cell))
-    save_png(grid, out / "grid.png")
+    labels = ["control", *(f"generated {g}" for g in range(cfg.eval.images_per_prompt)), "re-extracted 0"]
+    save_png(with_column_labels(grid, labels), out / "grid.png")
     return out / "grid.png"
 
 
 def write_readout(out: Path, table: list[dict], probe_path: str, num_samples: int) -> None:
+    """Table, CSV and plot of the probe's error at each sampling step, beside the mean-map baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with (out / "probe_readout.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "timestep", "probe_mse"])
+        writer = csv.DictWriter(f, fieldnames=["step", "timestep", "probe_mse", "mean_map_mse"])
         writer.writeheader()
         writer.writerows(table)
     lines = [
         f"# Probe readout: `{probe_path}`, {num_samples} prompts",
         "",
-        "Alignment error (MSE of the normalised probe prediction against the input control) at each sampling step.",
+        "Alignment error (MSE of the normalised probe prediction against the input control) at each sampling step, "
+        "beside the baseline: the error of predicting the mean control map of these prompts for every one of them.",
         "",
-        "| step | t | probe MSE |",
-        "| --- | --- | --- |",
+        "| step | t | probe MSE | mean-map MSE |",
+        "| --- | --- | --- | --- |",
     ]
-    lines += [f"| {row['step']} | {row['timestep']} | {row['probe_mse']:.5f} |" for row in table]
+    lines += [
+        f"| {row['step']} | {row['timestep']} | {row['probe_mse']:.5f} | {row['mean_map_mse']:.5f} |" for row in table
+    ]
     write_text(out / "probe_readout.md", "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([row["timestep"] for row in table], [row["probe_mse"] for row in table], marker="o")
+    timesteps = [row["timestep"] for row in table]
+    ax.plot(timesteps, [row["probe_mse"] for row in table], marker="o", label="probe")
+    ax.plot(timesteps, [row["mean_map_mse"] for row in table], "--", color="gray", label="mean control map")
+    ax.legend()
     ax.invert_xaxis()  # sampling runs from t = 999 down to 0
     ax.set_xlabel("timestep t (sampling order: left to right)")
     ax.set_ylabel("probe MSE vs input control")

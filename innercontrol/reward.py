@@ -47,11 +47,13 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 def cycle_losses(x0: torch.Tensor, control: torch.Tensor, vae, condition) -> torch.Tensor:
-    """Per-sample cycle-consistency loss MSE(condition(decode(x0)), control): (B,4,h,w), (B,3,H,W) -> (B,)."""
-    predicted_control = condition(decode_to_image(vae, x0))
-    if predicted_control.shape[-2:] != control.shape[-2:]:
-        predicted_control = F.interpolate(predicted_control, size=control.shape[-2:], mode="bilinear")
-    return per_sample_mse(predicted_control, control)
+    """Per-sample cycle-consistency loss MSE(condition(decode(x0)), control), each side in the condition's reward
+    normalisation (Condition.reward_prediction / reward_label): (B,4,h,w), (B,3,H,W) -> (B,)."""
+    predicted_control = condition.reward_prediction(decode_to_image(vae, x0))
+    label = condition.reward_label(control)
+    if predicted_control.shape[-2:] != label.shape[-2:]:
+        predicted_control = F.interpolate(predicted_control, size=label.shape[-2:], mode="bilinear")
+    return per_sample_mse(predicted_control, label)
 
 
 def chunk_sizes(count: int, max_chunk: int) -> list[int]:

@@ -222,4 +222,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from innercontrol.cli import run_cli
+
+    run_cli(main)

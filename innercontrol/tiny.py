@@ -6,18 +6,22 @@ The folder loads wherever a model name goes (model.pretrained_model=checkpoints/
 model.controlnet=checkpoints/tiny/controlnet) and with StableDiffusionControlNetPipeline.from_pretrained.
 The UNet has SD1.5's block layout (4 levels, cross-attention in 3 decoder levels, 2 layers per block),
 so the probe taps exist as in SD1.5 (9 attention taps, 12 ResNet taps), with tiny widths.
-Also writes clip/ (a tiny CLIPModel for CLIP-score tests). Same command, same weights.
+Also writes clip/ (a tiny CLIPModel for CLIP-score tests) and the marker tiny_random_weights.json, by which
+evaluation reports label results of these random weights. Same command, same weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
 import torch
 
 TINY_RESOLUTION = 128  # image pixels; the VAE downsamples by 8 as SD's does
+# Written into the pipeline folder: reports (innercontrol.report) mark results made with these random weights.
+TINY_MARKER = "tiny_random_weights.json"
 
 UNET_CONFIG = dict(
     sample_size=TINY_RESOLUTION // 8,
@@ -222,7 +226,14 @@ def write_tiny(out: str | os.PathLike) -> Path:
     processor.save_pretrained(out / "clip")
     for part in build_tiny_dpt():
         part.save_pretrained(out / "dpt")
+    note = "innercontrol.tiny: random weights; numbers made with them test the machinery, not SD1.5"
+    (out / TINY_MARKER).write_text(json.dumps({"random_weights": True, "note": note}) + "\n")
     return out
+
+
+def is_tiny(model_path) -> bool:
+    """True for a folder written by write_tiny (random weights), detected by its marker file."""
+    return model_path is not None and (Path(model_path) / TINY_MARKER).is_file()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,4 +245,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from innercontrol.cli import run_cli
+
+    run_cli(main)

@@ -1,7 +1,7 @@
 """Aligned ControlNet training: InnerControl, and by config the ControlNet++ and plain ControlNet baselines.
 
     accelerate launch --config_file train/config.yml -m innercontrol.train --config configs/depth.yaml
-    python -m innercontrol.train --config configs/tiny.yaml        # offline CPU run, after `make demo` wrote outputs/demo
+    python -m innercontrol.train --config configs/tiny.yaml logging.output_dir=outputs/tiny_run  # CPU, after make demo
     python -m innercontrol.train --config configs/hed.yaml loss.alignment_weight=0   # ControlNet++ baseline
     python -m innercontrol.train --config configs/hed.yaml loss.alignment_weight=0 loss.reward_weight=0  # plain
 
@@ -10,7 +10,12 @@ The objective (DESIGN section 3), per micro-batch:
                          + alignment_weight * alignment_loss[t in alignment_window]
 Only the ControlNet is trained; UNet, VAE, text encoder, probe and condition model are frozen.
 Checkpoints go to <output_dir>/checkpoints/checkpoint-<step> (resume with logging.resume=latest); the final
-ControlNet and its EMA are written with save_pretrained to <output_dir>/controlnet and <output_dir>/controlnet_ema.
+ControlNet and its EMA are written with save_pretrained to <output_dir>/controlnet and <output_dir>/controlnet_ema
+(output_dir = logging.output_dir; probe pretraining keeps to probe.output_dir). A fresh run (logging.resume=null)
+into a folder that holds another run's checkpoints, config.yaml or final model stops before writing anything;
+logging.overwrite=true removes that run's outputs and starts over.
+Exit codes: 0 finished; 75 (STOPPED_EXIT_CODE) stopped by Ctrl-C or SIGTERM after saving a checkpoint (resume with
+logging.resume=latest); any other non-zero code: an error.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from innercontrol.checkpoints import resume, save_checkpoint, save_model_atomically
-from innercontrol.config import load_config, precision_dtype
+from innercontrol.checkpoints import prepare_fresh_start, resume, save_checkpoint, save_model_atomically
+from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
 from innercontrol.distributed import finish
 from innercontrol.losses import LossWeights, diffusion_target, innercontrol_objective
@@ -37,34 +42,66 @@ from innercontrol.reward import SplitReward, host_to_device
 
 logger = logging.getLogger("innercontrol.train")
 LOSS_TERMS = ("loss", "diffusion", "reward", "alignment")
+# Exit code of a run stopped on request after saving its checkpoint (EX_TEMPFAIL: not finished, resume it).
+STOPPED_EXIT_CODE = 75
+# What a run writes into logging.output_dir: a fresh run finding any of these stops (or removes them, overwrite).
+RUN_OUTPUTS = ("checkpoints", "config.yaml", "controlnet", "controlnet_ema", "summary.json", "validation", "logs")
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
+def ema_decay_at(update: int, max_decay: float) -> float:
+    """Decay of EMA update number `update` (1, 2, ...), the schedule of diffusers' EMAModel that the anchors use:
+    with s = update - 1, 0 for s = 0 (a copy), then min((1 + s) / (10 + s), max_decay). Early updates follow the
+    training instead of keeping the initial weights (a fixed 0.9999 keeps ~37% of them after 10k steps)."""
+    s = update - 1
+    return 0.0 if s <= 0 else min((1 + s) / (10 + s), max_decay)
+
+
 class EMA:
-    """Exponential moving average of the ControlNet's weights (saved and restored with every checkpoint)."""
+    """Exponential moving average of the ControlNet's weights with the warm-up of ema_decay_at (saved and restored,
+    update count included, with every checkpoint)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
+        self.max_decay = decay
+        self.updates = 0
         self.shadow = copy.deepcopy(model).requires_grad_(False).eval()
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module) -> float:
+        """One EMA step; returns the decay it used."""
+        self.updates += 1
+        decay = ema_decay_at(self.updates, self.max_decay)
         for ema_param, param in zip(self.shadow.parameters(), model.parameters()):
-            ema_param.lerp_(param.detach().to(ema_param.dtype), 1 - self.decay)
+            ema_param.lerp_(param.detach().to(ema_param.dtype), 1 - decay)
+        return decay
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "weights": self.shadow.state_dict()}
+        return {"max_decay": self.max_decay, "updates": self.updates, "weights": self.shadow.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
+        if "updates" not in state:
+            raise ValueError(
+                "this checkpoint's EMA predates the EMA warm-up (no update count): resume it with the code that wrote "
+                "it, or start a new run"
+            )
+        self.max_decay, self.updates = state["max_decay"], state["updates"]
         self.shadow.load_state_dict(state["weights"])
 
 
+class RunStopped(Exception):
+    """The run stopped on request (Ctrl-C / SIGTERM) after saving a checkpoint; main() exits with STOPPED_EXIT_CODE."""
+
+    def __init__(self, checkpoint: Path, step: int):
+        super().__init__(f"stopped at step {step} on request; checkpoint {checkpoint} (resume: logging.resume=latest)")
+        self.checkpoint, self.step = checkpoint, step
+
+
 class StopRequest:
-    """Ctrl-C / SIGTERM: remember the request; the loop saves a checkpoint at the next step boundary and exits."""
+    """Ctrl-C / SIGTERM: remember the request; the loop saves a checkpoint at the next step boundary and raises
+    RunStopped."""
 
     def __init__(self):
         self.requested = False
@@ -86,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="experiment YAML (configs/*.yaml); schema defaults if omitted")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=2e-5 loss.reward_weight=0")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # key=value overrides may follow options too
 
 
 def compute_control(condition, images: torch.Tensor) -> torch.Tensor:
@@ -130,11 +167,11 @@ def training_step(
 
 @torch.no_grad()
 def validation_grid(cfg, sd, controlnet, condition, controls, captions, device, weight_dtype):
-    """One image per validation prompt; rows of (control | generated) as a PIL image."""
+    """One image per validation prompt; rows of (control | generated) under column labels, as a PIL image."""
     from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
     from PIL import Image
 
-    from innercontrol.report import to_pil
+    from innercontrol.report import to_pil, with_column_labels
 
     pipe = StableDiffusionControlNetPipeline(
         vae=sd.vae,
@@ -168,7 +205,7 @@ def validation_grid(cfg, sd, controlnet, condition, controls, captions, device, 
     for row, (control_image, image) in enumerate(rows):
         grid.paste(control_image, (0, row * size))
         grid.paste(image, (size, row * size))
-    return grid
+    return with_column_labels(grid, ["control", "generated"])
 
 
 def validation_batch(cfg, condition, device):
@@ -211,7 +248,20 @@ def main(argv=None) -> None:
 
         print(OmegaConf.to_yaml(cfg))
         return
-    train(cfg)
+    try:
+        train(cfg)
+    except RunStopped as stopped:
+        logger.warning("%s", stopped)
+        raise SystemExit(STOPPED_EXIT_CODE) from None
+
+
+def finished_run(output_dir: Path) -> tuple[str, int] | None:
+    """(run id, steps) of the final ControlNet in output_dir (its summary.json), None if there is none."""
+    summary = output_dir / "summary.json"
+    if not summary.is_file() or not (output_dir / "controlnet").is_dir():
+        return None
+    recorded = json.loads(summary.read_text())
+    return recorded.get("run_id"), recorded.get("steps")
 
 
 def train(cfg) -> Path:
@@ -220,7 +270,7 @@ def train(cfg) -> Path:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from innercontrol.conditions import get_condition
+    from innercontrol.conditions import condition_options, get_condition
     from innercontrol.data import build_dataloader
     from innercontrol.probes import load_probe
 
@@ -234,6 +284,13 @@ def train(cfg) -> Path:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    prepare_fresh_start(
+        accelerator,
+        [output_dir / name for name in RUN_OUTPUTS],
+        cfg.logging.resume,
+        cfg.logging.overwrite,
+        hint="choose another folder with logging.output_dir=DIR",
+    )
     device = accelerator.device
     set_seed(cfg.seed + accelerator.process_index)
     weight_dtype = precision_dtype(cfg.optim.mixed_precision)
@@ -252,19 +309,27 @@ def train(cfg) -> Path:
         module.to(device, dtype=weight_dtype)
     condition = None
     if needs_condition:
-        condition = get_condition(cfg.condition.name, cfg.condition.reward_model, device, purpose="reward")
+        condition = get_condition(
+            cfg.condition.name,
+            cfg.condition.reward_model,
+            device,
+            purpose="reward",
+            **condition_options(cfg.condition),
+        )
         condition.to(dtype=weight_dtype if condition.model is not None else None)
     probe = None
     if weights.alignment_weight > 0:
         if cfg.probe.path is None:
-            raise ValueError(
+            raise ConfigError(
                 "loss.alignment_weight > 0 needs a pretrained probe: set probe.path (train one with "
                 "train/train_probes.sh CONDITION), or loss.alignment_weight=0 for the ControlNet++ baseline"
             )
-        probe = load_probe(cfg.probe.path, trust_pickle=cfg.probe.trust_pickle).requires_grad_(False)
+        probe = load_probe(
+            cfg.probe.path, trust_pickle=cfg.probe.trust_pickle, timestep_input=cfg.probe.timestep_input
+        ).requires_grad_(False)
         expected = tapped_channels(sd.unet, cfg.model.tap)
         if list(probe.config.feature_dims) != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"probe '{cfg.probe.path}' expects tapped channels {list(probe.config.feature_dims)}, but model.tap="
                 f"{cfg.model.tap} on this UNet gives {expected}: use a probe trained for this model and tap mode"
             )
@@ -297,7 +362,12 @@ def train(cfg) -> Path:
     ema = EMA(accelerator.unwrap_model(controlnet), cfg.optim.ema_decay) if cfg.optim.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    model = ControlledUNet(sd.unet, controlnet, tap=cfg.model.tap if probe is not None else None)
+    model = ControlledUNet(
+        sd.unet,
+        controlnet,
+        tap=cfg.model.tap if probe is not None else None,
+        probe_timesteps=probe.probe_timesteps if probe is not None else None,
+    )
     loader = build_dataloader(
         cfg.data,
         cfg.optim.batch_size,
@@ -306,9 +376,21 @@ def train(cfg) -> Path:
         seed=cfg.seed,
     )
 
-    global_step, checkpoint = resume(accelerator, output_dir, cfg.logging.resume, loader)
-    if checkpoint is not None:
-        logger.info("resumed from %s at step %d", checkpoint, global_step)
+    run = resume(accelerator, "train", output_dir, cfg.logging.resume, loader)
+    global_step = run.step
+    if run.checkpoint is not None:
+        logger.info("resumed run %s from %s at step %d", run.run_id, run.checkpoint, global_step)
+        if global_step >= cfg.optim.max_steps and finished_run(output_dir) == (run.run_id, global_step):
+            logger.info(
+                "nothing to do: %s is already at step %d >= optim.max_steps=%d and %s holds its final ControlNet "
+                "(raise optim.max_steps to train further)",
+                run.checkpoint,
+                global_step,
+                cfg.optim.max_steps,
+                output_dir / "controlnet",
+            )
+            finish(accelerator)
+            return output_dir
     elif cfg.logging.resume == "latest":
         logger.info("logging.resume=latest: no checkpoint in %s yet, starting fresh", output_dir)
 
@@ -332,7 +414,7 @@ def train(cfg) -> Path:
     def checkpoint_now(reason: str) -> Path:
         extra = {"reason": reason, "config": cfg.logging.output_dir}
         path = save_checkpoint(
-            accelerator, output_dir, global_step, loader.state_dict(), extra, cfg.logging.checkpoint_total_limit
+            accelerator, output_dir, run, global_step, loader.state_dict(), extra, cfg.logging.checkpoint_total_limit
         )
         logger.info("checkpoint (%s): %s", reason, path)
         return path
@@ -377,11 +459,12 @@ def train(cfg) -> Path:
                 progress.set_postfix(loss=f"{logs['loss/loss']:.4f}", steps_s=f"{logs['steps_per_sec']:.2f}")
                 sums = {term: 0.0 for term in LOSS_TERMS}
                 micro_batches, window_start = 0, time.perf_counter()
-            if global_step % cfg.logging.checkpoint_every == 0 or flags[1] > 0:
-                checkpoint_now("stop requested" if flags[1] > 0 else "interval")
             if flags[1] > 0:
-                logger.warning("stopped at step %d on request; resume with logging.resume=latest", global_step)
-                return output_dir
+                stopped_at = checkpoint_now("stop requested")
+                finish(accelerator)
+                raise RunStopped(stopped_at, global_step)
+            if global_step % cfg.logging.checkpoint_every == 0:
+                checkpoint_now("interval")
             if cfg.logging.validation_every > 0 and global_step % cfg.logging.validation_every == 0:
                 if accelerator.is_main_process:
                     net = ema.shadow if ema is not None else accelerator.unwrap_model(controlnet)
@@ -402,7 +485,12 @@ def train(cfg) -> Path:
         save_model_atomically(accelerator.unwrap_model(controlnet), output_dir / "controlnet")
         if ema is not None:
             save_model_atomically(ema.shadow, output_dir / "controlnet_ema")
-        summary = {"steps": global_step, "controlnet": str(output_dir / "controlnet"), "data": vars(loader.stats)}
+        summary = {
+            "run_id": run.run_id,
+            "steps": global_step,
+            "controlnet": str(output_dir / "controlnet"),
+            "data": vars(loader.stats),
+        }
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         logger.info("final ControlNet: %s (EMA: %s)", output_dir / "controlnet", output_dir / "controlnet_ema")
     finish(accelerator)
@@ -410,5 +498,7 @@ def train(cfg) -> Path:
 
 
 if __name__ == "__main__":
+    from innercontrol.cli import run_cli
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    run_cli(main)

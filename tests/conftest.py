@@ -17,3 +17,14 @@ def tiny_dir(tmp_path_factory):
     from innercontrol.tiny import write_tiny
 
     return write_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test starts without an initialised accelerate state (an Accelerator made by one test would otherwise
+    fix the device and mixed precision of every later one)."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -23,6 +23,12 @@ class IdentityNormCondition:
     def normalize_label(self, control: torch.Tensor) -> torch.Tensor:
         return control
 
+    def reward_prediction(self, images: torch.Tensor) -> torch.Tensor:
+        return self(images)
+
+    def reward_label(self, control: torch.Tensor) -> torch.Tensor:
+        return control
+
 
 def frozen_conv_condition(seed: int = 0) -> IdentityNormCondition:
     """A frozen differentiable 'condition model': RGB in [0,1] -> 3-channel map in [0,1]."""

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ def test_annotate_writes_maps_skips_corrupt_and_resumes(image_folder, tmp_path, 
     first = main(argv)
     captured = capsys.readouterr()
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert names == ["a.png", "b.png", "sub/c.png"]  # no temporary files left behind
+    assert names == ["a.png", "annotate.json", "b.png", "sub/c.png"]  # no temporary files left behind
     assert len(first.written) == 3 and first.already_done == []
     assert first.unreadable == [str(image_folder / "broken.png")]
     assert "broken.png" in captured.err and "wrote 3 maps" in captured.out
@@ -86,3 +87,45 @@ def test_dataset_input_writes_one_map_per_row_and_resumes(tmp_path):
     assert sorted(Path(p).name for p in first.written) == [f"{i}.png" for i in range(6)]
     second = main(args + ["--batch-size", "4", "--device", "cpu"])
     assert second.written == [] and len(second.already_done) == 6
+
+
+def test_a_different_request_is_never_answered_with_old_maps(image_folder, tmp_path, capsys):
+    """Issue 13 item 7: the maps' folder records what made them; another resolution or split is refused."""
+    from innercontrol.synthetic import write_synthetic
+
+    out = tmp_path / "maps"
+    argv = ["--condition", "canny", "--input", str(image_folder), "--output", str(out), "--device", "cpu"]
+    main([*argv, "--resolution", "32"])
+    before = {p: p.read_bytes() for p in out.rglob("*.png")}
+    with pytest.raises(SystemExit):
+        main([*argv, "--resolution", "16"])
+    assert "resolution: 32 there, 16 now" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*.png")} == before and Image.open(out / "a.png").size == (32, 32)
+
+    # A dataset: validation maps are not answered with the train maps already in the folder.
+    data = write_synthetic(tmp_path / "synthetic", num=8, resolution=32, seed=0, val_fraction=0.5)
+    rows = ["--condition", "canny", "--input", str(data), "--output", str(tmp_path / "rows"), "--resolution", "32"]
+    assert len(main([*rows, "--split", "train"]).written) == 4
+    with pytest.raises(SystemExit):
+        main([*rows, "--split", "validation"])
+    assert "split: 'train' there, 'validation' now" in capsys.readouterr().err
+
+    # Maps of unknown origin (no record) are not taken for this request's either.
+    (tmp_path / "old").mkdir()
+    shutil.copy(out / "a.png", tmp_path / "old" / "a.png")
+    with pytest.raises(SystemExit):
+        main(["--condition", "canny", "--input", str(image_folder), "--output", str(tmp_path / "old")])
+    assert "holds 1 PNG file(s)" in capsys.readouterr().err
+
+
+def test_offline_hint_names_the_model_flag(image_folder, tmp_path, monkeypatch, capsys):
+    """Issue 13 item 7: without weights offline, the advice is this command's --model, not a config key."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--condition", "hed", "--input", str(image_folder), "--output", str(tmp_path / "maps")])
+    message = str(exit_info.value.code)
+    assert "pass --model DIR/ControlNetHED.pth" in message and "condition.reward_model" not in message
+    assert not (tmp_path / "maps").exists()  # nothing claimed by a command that could not load its model

@@ -9,6 +9,7 @@ import torch
 
 from innercontrol.conditions import CONDITIONS, CheckpointError, get_condition, register_condition
 from innercontrol.hub import HubUnreachableError
+from innercontrol.metrics import edge_f1
 
 SPECS = Path(__file__).resolve().parent / "specs"  # copies of ../shared/reference/checkpoint_specs
 SPEC_FILES = {"hed": "ControlNetHED.pth", "lineart": "sk_model.pth"}
@@ -188,6 +189,89 @@ def test_depth_preprocessing_matches_the_image_processor(conditions, dpt_dir):
     np.testing.assert_allclose(control[:, 0:1].numpy(), expected, atol=1e-5)
 
 
+def _dpt_input(condition, images: torch.Tensor) -> torch.Tensor:
+    """The pixel_values the condition feeds its DPT model."""
+    seen = []
+    handle = condition.model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["pixel_values"]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            condition.predict_depth(images)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_depth_evaluation_resizes_like_the_image_processor(dpt_dir):
+    """Evaluation (purpose eval) downsizes with antialiasing, as DPTImageProcessor's PIL resize does; the reward keeps
+    the plain differentiable resize. 128 px noise shrunk to 32 px: PIL averages each 4x4 cell (grey), a plain
+    bicubic resize samples a few pixels (noise)."""
+    from transformers import DPTImageProcessor
+
+    pixels = torch.randint(0, 256, (1, 128, 128, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = pixels.permute(0, 3, 1, 2).float() / 255
+    reference = DPTImageProcessor.from_pretrained(dpt_dir)(images=list(pixels.numpy()), return_tensors="pt")
+    reference = reference["pixel_values"]
+    evaluation = get_condition("depth", model_path=str(dpt_dir), purpose="eval")
+    reward = get_condition("depth", model_path=str(dpt_dir), purpose="reward")
+    assert evaluation.antialias and not reward.antialias
+    eval_error = (_dpt_input(evaluation, images) - reference).abs().max().item()
+    reward_error = (_dpt_input(reward, images) - reference).abs().max().item()
+    assert eval_error < 0.02 < 0.5 < reward_error  # PIL's uint8 rounding: 2/255 in normalised units
+    # The reward path keeps its gradient.
+    images.requires_grad_(True)
+    reward.predict_depth(images).sum().backward()
+    assert images.grad.abs().sum().item() > 0
+
+
+def _stub_vae():
+    """Decoder stand-in: the first three latent channels, upsampled 2x, are the image in [-1, 1]."""
+
+    class StubVAE(torch.nn.Module):
+        config = type("Config", (), {"scaling_factor": 1.0})()
+        dtype = torch.float32
+
+        def decode(self, latents, return_dict=False):
+            return (torch.nn.functional.interpolate(latents[:, :3], scale_factor=2, mode="nearest"),)
+
+    return StubVAE()
+
+
+def test_depth_reward_default_is_controlnet_plus_plus_normalisation(dpt_dir):
+    """Default (published): prediction / its per-sample max vs channel mean of the control / its max.
+    condition.depth_reward_normalization=min_max (ours): min-max scaled prediction vs the raw 3-channel control."""
+    from innercontrol.conditions import condition_options
+    from innercontrol.config import load_config
+    from innercontrol.reward import cycle_losses
+
+    torch.manual_seed(0)
+    x0 = torch.rand(2, 4, 16, 16) * 2 - 1
+    control = torch.rand(2, 3, 32, 32) * 0.6 + 0.2
+    control[:, 1] *= 0.5  # channels differ: the published label takes their mean
+    default_cfg = load_config(None, ["condition.name=depth"])
+    assert condition_options(default_cfg.condition) == {"reward_normalization": "max"}
+    published = get_condition("depth", model_path=str(dpt_dir), **condition_options(default_cfg.condition))
+    ours_cfg = load_config(None, ["condition.name=depth", "condition.depth_reward_normalization=min_max"])
+    ours = get_condition("depth", model_path=str(dpt_dir), **condition_options(ours_cfg.condition))
+
+    images = (_stub_vae().decode(x0)[0] / 2 + 0.5).clamp(0, 1)
+    with torch.no_grad():
+        raw = published.predict_depth(images).numpy()  # (2,1,32,32)
+        got_published = cycle_losses(x0, control, _stub_vae(), published).numpy()
+        got_ours = cycle_losses(x0, control, _stub_vae(), ours).numpy()
+    label = control.numpy().mean(axis=1, keepdims=True)
+    label = label / label.max(axis=(1, 2, 3), keepdims=True)
+    prediction = raw / raw.max(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(got_published, ((prediction - label) ** 2).mean(axis=(1, 2, 3)), rtol=1e-5)
+    low, high = raw.min(axis=(1, 2, 3), keepdims=True), raw.max(axis=(1, 2, 3), keepdims=True)
+    scaled = np.repeat((raw - low) / (high - low), 3, axis=1)
+    np.testing.assert_allclose(got_ours, ((scaled - control.numpy()) ** 2).mean(axis=(1, 2, 3)), rtol=1e-5)
+    assert np.abs(got_published - got_ours).min() > 1e-4  # the two objectives differ
+    with pytest.raises(Exception, match="depth_reward_normalization"):
+        load_config(None, ["condition.depth_reward_normalization=mean"])
+
+
 @pytest.mark.parametrize("name", ["depth", "hed", "lineart", "canny"])
 def test_control_shape_range_and_gradient(name, conditions):
     cond = conditions[name]
@@ -251,10 +335,37 @@ def test_lineart_normalisations(conditions):
     mean = x.numpy().mean(axis=1, keepdims=True)
     low, high = mean.min(axis=(1, 2, 3), keepdims=True), mean.max(axis=(1, 2, 3), keepdims=True)
     lineart = conditions["lineart"]
-    np.testing.assert_allclose(lineart.normalize_probe_output(x).numpy(), 1 - (mean - low) / (high - low), atol=1e-6)
+    # Prediction and label in one space (white lines): the prediction min-max scaled, the label the control, neither
+    # inverted. (The published code inverts the prediction and compares it with the dark-line drawing 1 - control:
+    # the same differences with the sign flipped.)
+    np.testing.assert_allclose(lineart.normalize_probe_output(x).numpy(), (mean - low) / (high - low), atol=1e-6)
     np.testing.assert_allclose(lineart.normalize_label(x).numpy(), mean, rtol=1e-6)
     flat = lineart.normalize_probe_output(torch.full((1, 3, 4, 4), 0.3))
     assert torch.isfinite(flat).all()
+
+
+def _structured_control(batch: int = 2, size: int = 16) -> torch.Tensor:
+    """Controls spanning exactly [0, 1]: a horizontal ramp with a bright square, a white-line grid for line maps."""
+    ramp = torch.linspace(0, 1, size).view(1, 1, 1, size).expand(1, 3, size, size).clone()
+    ramp[..., 4:9, 4:9] = 1.0
+    lines = torch.zeros(1, 3, size, size)
+    lines[..., ::4, :] = 1.0
+    lines[..., :, ::5] = 1.0
+    return torch.cat([ramp, lines][:batch])
+
+
+@pytest.mark.parametrize("name", ["depth", "hed", "lineart", "canny"])
+def test_alignment_round_trip_probe_reading_the_control(conditions, name):
+    """A probe output equal to the control in the probe's own output space (it is trained on the control: output
+    2 * control - 1) has alignment error ~0; the inverted control has a large one."""
+    from innercontrol.losses import alignment_error
+
+    condition = conditions[name]
+    control = _structured_control()
+    exact = alignment_error(2 * control - 1, control, condition)
+    inverse = alignment_error(2 * (1 - control) - 1, control, condition)
+    assert exact.shape == (2,) and exact.max().item() < 1e-10
+    assert inverse.min().item() > 0.1
 
 
 def test_hed_normalisations(conditions):
@@ -270,15 +381,29 @@ def test_hed_normalisations(conditions):
 # Canny: binary edges for F1
 
 
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """Pixels within one pixel (8-neighbourhood) of a True pixel."""
+    padded = np.pad(mask.astype(bool), 1)
+    height, width = mask.shape
+    return np.any([padded[dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)], axis=0)
+
+
+# Non-maximum suppression breaks the tie between the two pixels either side of a step edge (equal magnitudes) by a
+# float comparison whose outcome differs between processors, so the canny tests accept the edge on either pixel.
+
+
 def test_canny_step_edge_and_thresholds(conditions):
     canny = conditions["canny"]
     step = torch.zeros(1, 3, 16, 16)
     step[..., 8:] = 1.0
+    edges = canny.binary_edges(step)[0, 0].numpy()
+    columns = sorted(set(np.nonzero(edges)[1].tolist()))
+    assert columns in ([7], [8])  # the last dark or the first bright column, full height, nothing else
     expected = np.zeros((16, 16))
-    expected[:, 7] = 1  # the last dark column, full height
-    np.testing.assert_array_equal(canny.binary_edges(step)[0, 0].numpy(), expected)
+    expected[:, columns[0]] = 1
+    np.testing.assert_array_equal(edges, expected)
     # kornia's magnitude of a unit step is 2.587: contrast 0.1 -> 0.26 > high 0.2 (an edge), 0.05 -> 0.13 (none)
-    np.testing.assert_array_equal(canny.binary_edges(step * 0.1)[0, 0].numpy(), expected)
+    assert canny.binary_edges(step * 0.1)[0, 0].sum() == 16
     assert canny.binary_edges(step * 0.05).sum() == 0
     edges = canny.binary_edges(torch.cat([step, step * 0.05]))
     assert edges.shape == (2, 1, 16, 16) and set(edges.unique().tolist()) <= {0.0, 1.0}
@@ -290,16 +415,40 @@ def test_canny_white_square_f1_against_hand_count(conditions):
     canny = conditions["canny"]
     image = torch.zeros(1, 3, 32, 32)
     image[..., 8:24, 8:24] = 1.0  # rows/cols 8..23
-    edges = canny.binary_edges(image)[0, 0].numpy()
-    # Straight sides: the edge is the dark pixel just outside the square (as for the step).
-    assert edges[7, 11:21].all() and edges[24, 11:21].all() and edges[11:21, 7].all() and edges[11:21, 24].all()
-    assert edges.sum() == 60 and edges[:7].sum() == edges[25:].sum() == edges[10:22, 10:22].sum() == 0
-    # F1 against the one-pixel ring just outside the square (4 * 18 - 4 = 68 pixels): the 40 side pixels hit it, the
-    # 20 pixels of the four rounded corners (blurred by the 5x5 Gaussian) do not.
-    ring = np.zeros((32, 32))
-    ring[7:25, 7:25] = 1
-    ring[8:24, 8:24] = 0
-    tp = (edges * ring).sum()
-    precision, recall = tp / edges.sum(), tp / ring.sum()
-    assert ring.sum() == 68 and tp == 40
-    assert 2 * precision * recall / (precision + recall) == pytest.approx(2 * 40 / (60 + 68))
+    edges = canny.binary_edges(image)[0, 0].numpy().astype(bool)
+    # Each straight side (positions 11..20, away from the corners the 5x5 Gaussian rounds) is found as exactly one
+    # pixel, just outside or just inside the square: a one-pixel band either side of the true boundary.
+    sides = {
+        "top": edges[7:9, 11:21],
+        "bottom": edges[23:25, 11:21],
+        "left": edges[11:21, 7:9].T,
+        "right": edges[11:21, 23:25].T,
+    }
+    for name, band in sides.items():
+        assert (band.sum(axis=0) == 1).all(), f"{name} side: not exactly one edge pixel per position"
+    # Nothing away from the boundary: the 2-pixel band around it (rows/cols 7..8 and 23..24) plus the corners.
+    band = np.zeros((32, 32), dtype=bool)
+    band[6:26, 6:26] = True
+    band[10:22, 10:22] = False
+    assert not edges[~band].any()
+    # F1 with a one-pixel tolerance against the hand-drawn ring just outside the square (4 * 18 - 4 = 68 pixels):
+    # an edge pixel counts as correct when a ring pixel is within one pixel, a ring pixel as found when an edge pixel
+    # is; by hand every edge pixel lies on or next to the ring and every ring pixel (the corners too) has one.
+    ring = np.zeros((32, 32), dtype=bool)
+    ring[7:25, 7:25] = True
+    ring[8:24, 8:24] = False
+    assert ring.sum() == 68 and 40 <= edges.sum() <= 68
+    precision = (edges & _dilate(ring)).sum() / edges.sum()
+    recall = (ring & _dilate(edges)).sum() / ring.sum()
+    assert precision == 1.0 and recall == 1.0
+    # Without tolerance the metric module's F1 equals the count 2 TP / (|edges| + |ring|).
+    strict = edge_f1(torch.from_numpy(edges)[None].float(), torch.from_numpy(ring)[None].float())
+    assert strict.item() == pytest.approx(2 * (edges & ring).sum() / (edges.sum() + ring.sum()))
+
+
+@pytest.mark.parametrize("trust_pickle", [False, True])
+def test_random_bytes_are_not_a_checkpoint(tmp_path, trust_pickle):
+    path = tmp_path / "ControlNetHED.pth"
+    path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy())
+    with pytest.raises(CheckpointError, match=r"ControlNetHED\.pth is not a torch checkpoint.*lllyasviel/Annotators"):
+        get_condition("hed", model_path=str(path), trust_pickle=trust_pickle)

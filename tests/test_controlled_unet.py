@@ -126,3 +126,21 @@ def test_half_precision_unet_takes_fp32_controlnet_residuals(tiny_dir):
     grads = [p.grad for p in controlnet.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 for g in grads)
     assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_step_index_probe_reads_the_embedding_of_999_minus_t(tiny_dir):
+    """A Readout Guidance head (probe.timestep_input=step_index) gets the UNet's embedding of 999 - t; the UNet's own
+    forward still runs at t (same prediction)."""
+    unet, controlnet, *_ = load_tiny_components(tiny_dir)
+    sample, t, text, control = _inputs()
+    with torch.no_grad():
+        real = ControlledUNet(unet, controlnet, tap="attn")(sample, t, text, control)
+        mirrored = ControlledUNet(unet, controlnet, tap="attn", probe_timesteps=lambda ts: 999 - ts)(
+            sample, t, text, control
+        )
+        expected = unet.time_embedding(unet.time_proj(999 - t))
+        at_t = unet.time_embedding(unet.time_proj(t))
+    torch.testing.assert_close(real.time_embedding, at_t)
+    torch.testing.assert_close(mirrored.time_embedding, expected)
+    assert not torch.allclose(mirrored.time_embedding, real.time_embedding)
+    torch.testing.assert_close(mirrored.noise_pred, real.noise_pred)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from innercontrol import evaluate as ev
 from innercontrol.config import ConfigError, load_config
+from innercontrol.report import LABEL_HEIGHT
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a red square in front of a blue circle", "a cat"]
@@ -164,8 +165,8 @@ def test_evaluate_tiny_end_to_end_and_resume(tiny_dir, eval_set, tmp_path, data_
     assert np.mean([float(r["rmse"]) for r in rows]) == pytest.approx(results["rmse"], rel=1e-6)
     report = (out / "report.md").read_text()
     assert "| InnerControl (published) | 26.09 | 18.29 | 31.97 |" in report
-    assert f"| **ours** | {results['rmse']:.2f} |" in report
-    assert Image.open(out / "grid.png").size == (4 * 128, 4 * 128)
+    assert f"| ours (tiny random weights) | {results['rmse']:.2f} |" in report  # tiny_dir holds the tiny marker
+    assert Image.open(out / "grid.png").size == (4 * 128, 4 * 128 + LABEL_HEIGHT)  # + the column labels
     assert len(list((out / "reextracted").glob("*.png"))) == 4
 
     # Resume: a second run generates nothing and rewrites no image; a CLIP-only run keeps the RMSE column.
@@ -233,7 +234,7 @@ def test_report_rows_follow_condition_and_guidance():
     results["settings"] = {"controlnet": "c", "pretrained_model": "m"}
     report = ev.report_markdown(cfg, results)
     assert "| InnerControl (published) | 0.8305 | 12.16 | 31.28 |" in report
-    assert "ControlNet++" not in report
+    assert "ControlNet++ (published)" not in report  # no ControlNet++ row at guidance 3.0
     assert "| **ours** | 0.8123 | 12.50 | 31.00 |" in report
     assert "MS-SSIM" in report and "single-scale SSIM: 0.7000" in report
     depth = ev.report_markdown(load_config(None, ["condition.name=depth"]), {**results, "rmse": 27.0})
@@ -262,6 +263,13 @@ def test_probe_readout_records_every_step(tiny_dir, eval_set, tmp_path, data_fro
     assert all(np.isfinite(row["probe_mse"]) and row["probe_mse"] > 0 for row in table)
     for name in ("probe_readout.csv", "probe_readout.md", "probe_readout.png"):
         assert (out / name).is_file()
+    # Baseline: predicting the mean depth label of the 3 prompts for each of them (hand-computed from the controls).
+    from innercontrol.conditions import get_condition
+
+    condition = get_condition("depth", str(tiny_dir / "dpt"), purpose="eval")
+    labels = condition.normalize_label(ev.load_images([out / "controls" / f"{i}.png" for i in range(3)]))
+    expected = ((labels - labels.mean(0)) ** 2).mean().item()
+    assert all(row["mean_map_mse"] == pytest.approx(expected, rel=1e-5) for row in table) and expected > 0
 
 
 @pytest.mark.slow
@@ -312,3 +320,152 @@ def test_one_and_two_processes_give_identical_images(tiny_dir, eval_set, tmp_pat
     )
     assert "generated 0 new images (10 were already on disk)" in again.stdout.decode()
     assert snapshot(double / "images") == b
+
+
+def test_lineart_scores_include_the_published_uint8_ms_ssim(tmp_path):
+    """For line art the evaluation also reports MS-SSIM computed the published way (uint8 inversion that wraps),
+    next to ours (float); both against an independent torchmetrics computation. The report names both."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as tm_ms_ssim
+
+    from innercontrol.conditions import get_condition
+
+    from .test_conditions import load_spec, random_state_dict
+
+    torch.save(random_state_dict(load_spec("lineart"), seed=3), tmp_path / "sk_model.pth")
+    condition = get_condition("lineart", model_path=str(tmp_path / "sk_model.pth"), purpose="eval")
+    rng = np.random.default_rng(0)
+    out = tmp_path / "eval"
+    for i in range(2):
+        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        ev.save_png(Image.fromarray(coarse).resize((192, 192), Image.BICUBIC), ev.image_path(out, 0, i))
+        control = torch.zeros(3, 192, 192)  # white lines (exactly 1) on black: the uint8 wrap turns them to ~0
+        control[:, 8 * (i + 1) :: 24, :] = 1.0
+        control[:, :, 5::16] = 1.0
+        ev.save_png(ev.to_pil(control), out / "controls" / f"{i}.png")
+    cfg = load_config(None, ["condition.name=lineart"])
+    with torch.no_grad():
+        scores = ev.control_scores(cfg, condition, out, [(0, 0), (1, 0)], torch.device("cpu"))
+        pred = condition(ev.load_images([ev.image_path(out, 0, i) for i in range(2)]))
+    label = ev.load_images([out / "controls" / f"{i}.png" for i in range(2)])
+
+    def wrapped(x):  # numpy uint8 arithmetic, independently of metrics.published_lineart_map
+        drawing = np.round((1 - x.numpy()) * 255).astype(np.uint8)
+        return torch.from_numpy((np.uint8(1) - drawing).astype(np.float32) / 255)
+
+    ours = tm_ms_ssim(pred, label, data_range=1.0, reduction="none")
+    published = tm_ms_ssim(wrapped(pred), wrapped(label), data_range=1.0, reduction="none")
+    torch.testing.assert_close(scores["ms_ssim"], ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores["ms_ssim_published_uint8"], published, atol=1e-5, rtol=1e-5)
+    assert (scores["ms_ssim_published_uint8"] - scores["ms_ssim"]).abs().min() > 1e-2
+    results = {"ms_ssim": 0.8, "ssim": 0.7, "ms_ssim_published_uint8": 0.7654, "num_samples": 2}
+    report = ev.report_markdown(cfg, {**results, "settings": {"controlnet": "c", "pretrained_model": "m"}})
+    assert "like for like with the published table: 0.7654" in report
+    hed = ev.report_markdown(
+        load_config(None, ["condition.name=hed"]), {**results, "settings": {"controlnet": "c", "pretrained_model": "m"}}
+    )
+    assert "loss.reward_weight=0" in hed
+
+
+def small_config(tiny_dir, eval_set, out, **extra):
+    """Two prompts, one image each: the fastest evaluation that still goes through every stage."""
+    values = {"eval.images_per_prompt": 1, "eval.max_samples": 2, **extra}
+    return load_config(str(ROOT / "configs" / "tiny.yaml"), tiny_overrides(tiny_dir, eval_set, out, **values))
+
+
+def test_retrained_weights_in_the_same_folder_are_not_answered_with_old_images(
+    tiny_dir, eval_set, tmp_path, data_front_end, capsys
+):
+    """Issue 13 item 3: the generation fingerprint is the weights' content hash, not the ControlNet's path."""
+    from accelerate import Accelerator
+    from diffusers import ControlNetModel
+
+    net, original = tmp_path / "train" / "controlnet", tmp_path / "original"
+    shutil.copytree(tiny_dir / "controlnet", net)
+    shutil.copytree(net, original)
+    cfg, accelerator = small_config(tiny_dir, eval_set, tmp_path / "eval"), Accelerator(cpu=True)
+    ev.evaluate(cfg, str(net), {"control"}, accelerator)
+
+    # "Retraining" into the same folder: one weight moves, so the images on disk are no longer its images.
+    model = ControlNetModel.from_pretrained(net)
+    with torch.no_grad():
+        model.controlnet_cond_embedding.conv_in.bias.add_(0.1)
+    model.save_pretrained(net)
+    with pytest.raises(ConfigError, match="controlnet_sha256: '[0-9a-f]{64}' on disk, '[0-9a-f]{64}' now"):
+        ev.evaluate(cfg, str(net), {"control"}, accelerator)
+
+    # The original weights under another path: the images are theirs, so they are reused.
+    capsys.readouterr()
+    ev.evaluate(cfg, str(original), {"control"}, accelerator)
+    assert "generated 0 new images (2 were already on disk)" in capsys.readouterr().out
+
+
+def test_relative_and_absolute_spellings_are_the_same_setting(
+    tiny_dir, eval_set, tmp_path, data_front_end, monkeypatch, capsys
+):
+    """Issue 13 item 4: paths are normalised before they are fingerprinted."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    out = tmp_path / "eval"
+    ev.evaluate(small_config(tiny_dir, eval_set, out), str(tiny_dir / "controlnet"), {"control"}, accelerator)
+    assert json.loads((out / "eval_set.json").read_text())["dataset"] == str(eval_set.resolve())
+
+    monkeypatch.chdir(tmp_path)
+    relative = small_config(tiny_dir, os.path.relpath(eval_set, tmp_path), "eval")
+    capsys.readouterr()
+    ev.evaluate(relative, os.path.relpath(tiny_dir / "controlnet", tmp_path), {"control"}, accelerator)
+    assert "generated 0 new images (2 were already on disk)" in capsys.readouterr().out
+
+
+def test_a_failed_evaluation_does_not_lock_its_folder(tiny_dir, eval_set, tmp_path, data_front_end):
+    """Issue 13 item 5: generation.json is written only once the models have loaded."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    out = tmp_path / "eval"
+    cfg = small_config(tiny_dir, eval_set, out)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ev.evaluate(cfg, str(tmp_path / "does" / "not" / "exist"), {"control"}, accelerator)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError):
+        ev.evaluate(cfg, str(tmp_path / "empty"), {"control"}, accelerator)
+    assert not (out / "generation.json").exists()
+
+    results = ev.evaluate(cfg, str(tiny_dir / "controlnet"), {"control"}, accelerator)
+    assert 0 <= results["rmse"] <= 255 and len(list((out / "images" / "group_0").glob("*.png"))) == 2
+    written = json.loads((out / "generation.json").read_text())
+    assert written["controlnet"] == str((tiny_dir / "controlnet").resolve())
+
+
+def test_a_failing_metric_keeps_the_others_and_fails_the_exit_code(tiny_dir, eval_set, tmp_path, data_front_end):
+    """Issue 13 item 6: FID without its Inception weights fails; RMSE and CLIP score are still written."""
+    from accelerate import Accelerator
+
+    out = tmp_path / "eval"
+    missing = tmp_path / "no-inception.pt"
+    cfg = small_config(tiny_dir, eval_set, out, **{"eval.inception_weights": missing})
+    accelerator = Accelerator(cpu=True)
+    with pytest.raises(ev.MetricsFailed, match="fid: FileNotFoundError") as failure:
+        ev.evaluate(cfg, str(tiny_dir / "controlnet"), {"control", "clip", "fid"}, accelerator)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["rmse"] == pytest.approx(failure.value.results["rmse"]) and 0 <= saved["rmse"] <= 255
+    assert saved["clip_score"] >= 0 and "fid" not in saved
+    assert str(missing) in saved["errors"]["fid"] and set(saved["errors"]) == {"fid"}
+    report = (out / "report.md").read_text()
+    assert f" | {saved['rmse']:.2f} | - | {saved['clip_score']:.2f} |" in report  # our row: no FID
+    assert "Failed metrics" in report and "- fid: FileNotFoundError" in report
+    with (out / "per_sample.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+    # The command line: the same failure exits with code 1 and one line, after writing the rest.
+    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--controlnet", str(tiny_dir / "controlnet")]
+    argv += ["--metrics", "clip,fid", *tiny_overrides(tiny_dir, eval_set, out)]
+    argv += ["eval.images_per_prompt=1", "eval.max_samples=2", f"eval.inception_weights={missing}"]
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(argv)
+    assert str(exit_info.value.code).startswith("error: 1 metric(s) failed (fid: FileNotFoundError")
+
+    # Fixed: FID is added, the error is cleared, the earlier metrics stay.
+    fixed = ev.evaluate(cfg, str(tiny_dir / "controlnet"), {"fid"}, accelerator, colour_statistics)
+    assert fixed["fid"] > 0 and "errors" not in fixed and fixed["rmse"] == pytest.approx(saved["rmse"])
+    assert "errors" not in json.loads((out / "metrics.json").read_text())

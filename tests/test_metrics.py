@@ -189,3 +189,16 @@ def test_local_inception_weights_file_is_used(tmp_path):
     assert torch.allclose(features, expected, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="eval.inception_weights"):
         metrics.inception_feature_extractor(str(tmp_path / "missing.pt"))
+
+
+def test_published_lineart_map_wraps_like_uint8_arithmetic():
+    """The published line-art evaluation: dark-line drawing as uint8, `1 - x` in uint8 (wraps), / 255."""
+    control = torch.tensor([0.0, 1.0, 254 / 255, 0.5, 100 / 255]).view(1, 1, 1, 5)  # white-line values
+    drawing = np.round((1 - control.numpy()) * 255).astype(np.uint8)  # 255, 0, 1, 127 or 128, 155
+    expected = (np.uint8(1) - drawing).astype(np.float64) / 255  # numpy's uint8 subtraction wraps
+    got = metrics.published_lineart_map(control).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-7)
+    # Background (control 0) -> 2/255, the blackest line pixel (control 1) -> 1/255 (~0, where a float inversion
+    # gives 1), control 254/255 -> 0, the rest moved by 2/255 from the float value.
+    np.testing.assert_allclose(got[0, 0, 0, :3], [2 / 255, 1 / 255, 0.0], atol=1e-7)
+    assert abs(got[0, 0, 0, 4] - (100 / 255 + 2 / 255)) < 1e-6

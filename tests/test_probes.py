@@ -25,9 +25,8 @@ def _write_published(spec, path, sequential=False):
             key = f"{head}.{index}.0.{rest}"
         state[key] = torch.randn(shape) * 0.02
     config = dict(spec["example_config"])
-    if sequential:
+    if sequential:  # as published: the emb_layers keys stay (the network always creates them)
         config["aggregation_kwargs"] = dict(config["aggregation_kwargs"], bottleneck_sequential=True)
-        state = {k: v for k, v in state.items() if "emb_layers" not in k}
     torch.save({"config": config, "aggregation_network": state, "step": 5000}, path)
     return state
 
@@ -36,7 +35,7 @@ def _write_published(spec, path, sequential=False):
 def test_published_checkpoint_loads_strictly_and_runs(tmp_path, kind):
     spec = _spec(kind)
     state = _write_published(spec, tmp_path / "probe.pt")
-    probe = load_probe(tmp_path / "probe.pt")
+    probe = load_probe(tmp_path / "probe.pt", timestep_input="t")
     assert sum(p.numel() for p in probe.parameters()) == spec["num_params"]
     assert all(torch.equal(probe.state_dict()[k], v) for k, v in state.items())
     # SD1.5 taps at 128 px: 1280 @4, 640 @8, 320 @16 (conv adds 1280 @2).
@@ -50,14 +49,39 @@ def test_published_checkpoint_loads_strictly_and_runs(tmp_path, kind):
 
 def test_sequential_published_checkpoint_loads_with_warning(tmp_path):
     spec = _spec("attn")
-    _write_published(spec, tmp_path / "seq.pt", sequential=True)
+    state = _write_published(spec, tmp_path / "seq.pt", sequential=True)
+    assert any(".0.emb_layers." in k for k in state)  # the published layout carries the unused time layers
     with pytest.warns(UserWarning, match="ignore the timestep"):
-        probe = load_probe(tmp_path / "seq.pt")
+        probe = load_probe(tmp_path / "seq.pt", timestep_input="t")
+    loaded = probe.state_dict()
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
     features = [torch.randn(1, c, 4, 4) for c in spec["feature_dims"]]
     with torch.no_grad():
         a = probe(features, torch.zeros(1, 1280))
         b = probe(features, torch.ones(1, 1280) * 5)
     assert torch.equal(a, b)
+
+
+def test_published_file_warns_about_readout_guidance_step_index(tmp_path):
+    """A published .pt is read with the real t after a warning naming probe.timestep_input; step_index heads embed
+    999 - t (Readout Guidance's training convention); our folders keep their own setting, silently."""
+    import warnings
+
+    spec = _spec("attn")
+    _write_published(spec, tmp_path / "probe.pt")
+    with pytest.warns(UserWarning, match=r"999 - t.*probe\.timestep_input=step_index"):
+        probe = load_probe(tmp_path / "probe.pt")
+    assert probe.config.timestep_input == "t"
+    t = torch.tensor([0, 250, 999])
+    assert torch.equal(probe.probe_timesteps(t), t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rg_head = load_probe(tmp_path / "probe.pt", timestep_input="step_index")
+        assert torch.equal(rg_head.probe_timesteps(t), torch.tensor([999, 749, 0]))
+        rg_head.save_pretrained(tmp_path / "rg")
+        assert load_probe(tmp_path / "rg").config.timestep_input == "step_index"
+    with pytest.raises(ProbeLoadError, match="timestep_input"):
+        load_probe(tmp_path / "rg", timestep_input="index")
 
 
 def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
@@ -159,3 +183,30 @@ def test_resizing_after_1x1_convs_equals_resizing_features_first():
         upsampled = [F.interpolate(f, size=(8, 8), mode="bilinear", align_corners=False) for f in features]
         naive = sum(wi * block(f, temb) for wi, block, f in zip(w, probe.bottleneck_layers, upsampled))
         assert torch.allclose(probe(features, temb), probe.output_head(naive), atol=1e-5)
+
+
+@pytest.mark.parametrize("trust_pickle", [False, True])
+def test_random_bytes_are_reported_as_not_a_checkpoint(tmp_path, trust_pickle):
+    corrupt = tmp_path / "readout_depth.pt"
+    corrupt.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy())
+    with pytest.raises(ProbeLoadError, match=r"probe file '.*readout_depth.pt' is not a checkpoint") as err:
+        load_probe(corrupt, trust_pickle=trust_pickle)
+    assert "trust_pickle" not in str(err.value)  # following that advice would not help
+    # A zip archive cut short (a broken download) is one too.
+    spec = _spec("attn")
+    _write_published(spec, tmp_path / "probe.pt")
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((tmp_path / "probe.pt").read_bytes()[:5000])
+    with pytest.raises(ProbeLoadError, match=r"probe file '.*cut.pt' is not a checkpoint"):
+        load_probe(cut, trust_pickle=trust_pickle)
+
+
+def test_corrupt_probe_folder_names_the_file(tmp_path):
+    build_probe([8, 16], 16, 32).save_pretrained(tmp_path / "probe")
+    weights = tmp_path / "probe" / "probe.safetensors"
+    weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(ProbeLoadError, match=r"'.*probe.safetensors' is not a safetensors checkpoint"):
+        load_probe(tmp_path / "probe")
+    (tmp_path / "probe" / "probe_config.json").write_text("{not json")
+    with pytest.raises(ProbeLoadError, match=r"'.*probe_config.json' is not a probe config"):
+        load_probe(tmp_path / "probe")

@@ -56,3 +56,12 @@ def test_tiny_blocks_run(tmp_path):
             words[0] = sys.executable
         result = subprocess.run(words, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"`{line}` failed:\n{result.stderr[-2000:]}"
+
+
+def test_committed_outputs_carry_no_absolute_paths():
+    """Tables and reports committed to the repository name relative paths only (not this machine's folders)."""
+    committed = [*(ROOT / "images").glob("*.md"), *(ROOT / "bench").glob("*.md"), ROOT / "checkpoints" / "README.md"]
+    absolute = re.compile(r"(?<![\w.])/(work|root|home|tmp|Users|mnt|opt)/")
+    found = {p.name: absolute.findall(p.read_text()) for p in committed if p.is_file()}
+    assert committed and not {name: hits for name, hits in found.items() if hits}
+    assert all(str(ROOT) not in p.read_text() for p in committed if p.is_file())

@@ -91,7 +91,9 @@ def test_resume_matches_uninterrupted_run(workspace):
         for k, straight_value in weights(root / "straight" / "controlnet").items()
     )
     state = json.loads((root / "halves" / "checkpoints" / "checkpoint-4" / "training_state.json").read_text())
-    assert state["step"] == 4
+    first = json.loads((root / "halves" / "checkpoints" / "checkpoint-2" / "training_state.json").read_text())
+    assert state["step"] == 4 and state["job"] == "train"
+    assert state["run_id"] == first["run_id"]  # the resume continued the same run
     summary = json.loads((root / "straight" / "summary.json").read_text())
     assert summary["steps"] == 4
 
@@ -153,6 +155,63 @@ def test_non_finite_loss_stops_with_step_and_term(workspace, monkeypatch):
     assert not (out / "controlnet").exists()
 
 
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+def test_fresh_run_into_a_used_folder_stops_before_touching_it(workspace):
+    from innercontrol.checkpoints import OutputFolderError
+
+    out = workspace["root"] / "used"
+    run_train(overrides(workspace, out, 4))
+    old_run = json.loads((out / "summary.json").read_text())["run_id"]
+    before = snapshot(out)
+    assert {"checkpoints/checkpoint-4", "controlnet", "config.yaml"} <= before.keys()
+    with pytest.raises(OutputFolderError) as refused:
+        run_train(overrides(workspace, out, 2))
+    message = str(refused.value)
+    for found in ("checkpoints/ (checkpoint-2, checkpoint-4)", "controlnet/", "config.yaml"):
+        assert f"{out}/{found}" in message
+    for advice in ("logging.resume=latest", "logging.output_dir=DIR", "logging.overwrite=true"):
+        assert advice in message
+    assert snapshot(out) == before  # no file written, replaced or removed
+
+    # Resuming a run that already reached max_steps keeps its final model as it is.
+    run_train(overrides(workspace, out, 4, "logging.resume=latest"))
+    assert snapshot(out) == before
+
+    # overwrite=true starts over: the old run's checkpoints are gone, so resume=latest cannot pick them up.
+    run_train(overrides(workspace, out, 2, "logging.overwrite=true"))
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["run_id"] != old_run
+
+
+def test_stop_request_saves_a_checkpoint_and_exits_with_its_own_code(workspace, monkeypatch):
+    from innercontrol import train
+
+    out = workspace["root"] / "stopped"
+    real_step = train.training_step
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # micro-batch 3 = first micro-batch of optimizer step 2
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; StopRequest catches it
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "training_step", interrupted)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as exited:
+        run_train(overrides(workspace, out, 6, "logging.checkpoint_every=100"))
+    assert exited.value.code == train.STOPPED_EXIT_CODE == 75
+    (checkpoint,) = complete_checkpoints(out)
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    assert (checkpoint.name, state["reason"], state["job"]) == ("checkpoint-2", "stop requested", "train")
+    assert not (out / "controlnet").exists()  # not a finished run
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+
+
 def test_probe_that_does_not_fit_the_taps_is_refused(workspace):
     with pytest.raises(ValueError, match=r"expects tapped channels .* model.tap=conv on this UNet gives"):
         run_train(overrides(workspace, workspace["root"] / "wrongtap", 2, "model.tap=conv"))
@@ -172,6 +231,8 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_then_exits(workspace):
+    from innercontrol import train
+
     out = workspace["root"] / "sigint"
     log = workspace["root"] / "sigint.log"
     args = overrides(workspace, out, 1000, "logging.checkpoint_every=1000")
@@ -188,7 +249,7 @@ def test_ctrl_c_saves_a_checkpoint_then_exits(workspace):
             time.sleep(0.5)
         time.sleep(3)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0, log.read_text()[-2000:]
+        assert proc.wait(timeout=120) == train.STOPPED_EXIT_CODE, log.read_text()[-2000:]
     latest = find_checkpoint(out, "latest")
     assert latest is not None and int(latest.name.split("-")[1]) >= 1
     assert json.loads((latest / "training_state.json").read_text())["reason"] == "stop requested"
@@ -294,3 +355,62 @@ def test_bf16_mixed_precision_training_runs(workspace):
     start, final = weights(Path(workspace["tiny"]) / "controlnet"), weights(out / "controlnet")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in final.values())
     assert any(not torch.equal(start[k], final[k]) for k in final)
+
+
+def test_ema_decay_follows_the_diffusers_warm_up_schedule():
+    """decay_k = min((1 + s) / (10 + s), max) with s = k - 1 (0 at the first update), checked against diffusers'
+    EMAModel stepping the same parameter sequence; a fixed decay would keep the initial weights far longer."""
+    from diffusers.training_utils import EMAModel
+
+    from innercontrol.train import EMA, ema_decay_at
+
+    assert [ema_decay_at(k, 0.9999) for k in (1, 2, 3, 11)] == [0.0, 2 / 11, 3 / 12, 11 / 20]
+    assert ema_decay_at(100_000, 0.9999) == 0.9999 and ema_decay_at(50, 0.5) == 0.5
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ours = EMA(model, decay=0.99)
+    reference = EMAModel(model.parameters(), decay=0.99)
+    for _ in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        used = ours.update(model)
+        reference.step(model.parameters())
+        assert used == pytest.approx(reference.cur_decay_value)
+    for mine, theirs in zip(ours.shadow.parameters(), reference.shadow_params):
+        torch.testing.assert_close(mine, theirs)
+    # After 500 updates at the anchors' 0.9999 the EMA holds ~2% of the initial weights, not ~95%.
+    initial_share = 1.0
+    for k in range(1, 501):
+        initial_share *= ema_decay_at(k, 0.9999)
+    assert initial_share < 0.03
+
+
+def test_ema_resume_continues_the_decay_sequence():
+    from innercontrol.train import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    straight = EMA(model, decay=0.999)
+    resumed = EMA(model, decay=0.999)
+    steps = [[torch.randn_like(p) for p in model.parameters()] for _ in range(8)]
+    for k, deltas in enumerate(steps):
+        with torch.no_grad():
+            for p, d in zip(model.parameters(), deltas):
+                p.add_(d)
+        straight.update(model)
+        if k < 4:
+            resumed.update(model)
+        if k == 3:  # "checkpoint" and restore into a fresh EMA (built from the current weights, as on resume)
+            state = resumed.state_dict()
+            assert state["updates"] == 4
+            resumed = EMA(model, decay=0.5)
+            resumed.load_state_dict(state)
+            assert resumed.max_decay == 0.999
+        elif k > 3:
+            resumed.update(model)
+    assert straight.updates == resumed.updates == 8
+    for a, b in zip(straight.shadow.parameters(), resumed.shadow.parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="update count"):
+        EMA(model, 0.9).load_state_dict({"decay": 0.9, "weights": model.state_dict()})

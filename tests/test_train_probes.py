@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from innercontrol.train_probes import CollapsedProbeError, balanced_mse
+from innercontrol.train_probes import CollapsedProbeError, FailedProbeError, balanced_mse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def _args(ws, name, *extra):
         f"eval.dataset={ws['data']}",
         "eval.resolution=64",
         f"probe.path={ws['root'] / name}",
-        f"logging.output_dir={ws['root'] / (name + '_run')}",
+        f"probe.output_dir={ws['root'] / (name + '_run')}",
         "probe.max_steps=12",
         "probe.batch_size=4",
         "probe.eval_samples=6",
@@ -60,9 +60,13 @@ def _run(args):
     train_probes.main(args)
 
 
-def test_probe_training_writes_probe_and_accuracy_table(probe_ws):
+def test_probe_training_writes_probe_and_accuracy_table(probe_ws, monkeypatch):
+    from innercontrol import train_probes
     from innercontrol.probes import load_probe
 
+    # 12 steps leave the probe worse than the mean map (test_probe_no_better_than_mean_map_is_reported_as_failed);
+    # calling every margin a tie lets this test follow the path of a good probe.
+    monkeypatch.setattr(train_probes, "TIE_SE", 1e9)
     _run(_args(probe_ws, "probe"))
     folder = probe_ws["root"] / "probe"
     probe = load_probe(folder)
@@ -73,7 +77,45 @@ def test_probe_training_writes_probe_and_accuracy_table(probe_ws):
     table = (folder / "probe_accuracy.md").read_text()
     assert "| 0-99 |" in table and "| 900-999 |" in table
     assert (folder / "probe_accuracy.png").stat().st_size > 1000
-    assert (probe_ws["root"] / "probe_run" / "checkpoints" / "checkpoint-12" / "training_state.json").is_file()
+    state = json.loads(
+        (probe_ws["root"] / "probe_run" / "checkpoints" / "checkpoint-12" / "training_state.json").read_text()
+    )
+    assert state["job"] == "train_probes" and state["run_id"] == probe.config.extra["run_id"]
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_probe_pretraining_and_controlnet_training_keep_apart(config):
+    from innercontrol.config import load_config
+
+    cfg = load_config(str(config))
+    assert Path(cfg.probe.output_dir).resolve() != Path(cfg.logging.output_dir).resolve()
+
+
+def test_fresh_probe_run_over_another_runs_probe_stops_before_touching_it(probe_ws, tiny_dir):
+    from diffusers import UNet2DConditionModel
+
+    from innercontrol.checkpoints import OutputFolderError
+    from innercontrol.controlled_unet import tapped_channels
+    from innercontrol.probes import build_probe
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    old = probe_ws["root"] / "old_probe"
+    build_probe(tapped_channels(unet, "conv"), 16, 64, tap="conv").save_pretrained(old)
+    (probe_ws["root"] / "old_probe_run").mkdir()
+    (probe_ws["root"] / "old_probe_run" / "config.yaml").write_text("seed: 0\n")
+    before = {p: p.stat().st_mtime_ns for p in probe_ws["root"].rglob("*") if "old_probe" in str(p)}
+    with pytest.raises(OutputFolderError) as refused:
+        _run(_args(probe_ws, "old_probe"))
+    message = str(refused.value)
+    for found in (
+        old / "probe_config.json",
+        old / "probe.safetensors",
+        probe_ws["root"] / "old_probe_run" / "config.yaml",
+    ):
+        assert str(found) in message
+    for advice in ("logging.resume=latest", "probe.output_dir=DIR probe.path=DIR", "logging.overwrite=true"):
+        assert advice in message
+    assert {p: p.stat().st_mtime_ns for p in probe_ws["root"].rglob("*") if "old_probe" in str(p)} == before
 
 
 def test_collapsed_probe_is_reported_and_not_saved_as_good(probe_ws):
@@ -84,3 +126,24 @@ def test_collapsed_probe_is_reported_and_not_saved_as_good(probe_ws):
         _run(_args(probe_ws, "collapsed_probe", "probe.collapse_std=100"))
     assert not (probe_ws["root"] / "collapsed_probe").exists()
     assert (probe_ws["root"] / "collapsed_probe.collapsed" / "probe_accuracy.md").is_file()
+
+
+def test_probe_batch_is_global_and_divided_over_processes():
+    """probe.batch_size is the global batch (Readout Guidance: 8 on one device): 8 processes of train/config.yml
+    read 1 sample each, not 8."""
+    from innercontrol.config import ConfigError
+    from innercontrol.train_probes import per_process_batch
+
+    assert per_process_batch(8, 1) == 8 and per_process_batch(8, 8) == 1 and per_process_batch(8, 2) == 4
+    with pytest.raises(ConfigError, match=r"probe.batch_size=8 .* 3 processes"):
+        per_process_batch(8, 3)
+
+
+def test_probe_no_better_than_mean_map_is_reported_as_failed(probe_ws):
+    # One step leaves the probe near its random initialisation: worse than predicting the mean control map.
+    with pytest.raises(FailedProbeError, match=r"probe failed.*mean control map.*saved to .*weak_probe.failed"):
+        _run(_args(probe_ws, "weak_probe", "probe.max_steps=1", "probe.collapse_std=0"))
+    assert not (probe_ws["root"] / "weak_probe").exists()
+    table = (probe_ws["root"] / "weak_probe.failed" / "probe_accuracy.md").read_text()
+    overall = next(line for line in table.splitlines() if line.startswith("| **all (0-999)** |"))
+    assert overall.endswith("| no |") and "+-" in overall

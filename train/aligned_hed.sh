@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# InnerControl training, hed (configs/hed.yaml): 8 GPUs by default (train/config.yml).
+# InnerControl training, hed (configs/hed.yaml): one process per visible GPU (train/config.yml: data parallel).
 #
 #   train/aligned_hed.sh [key=value ...]
+#   NUM_PROCESSES=4 train/aligned_hed.sh
 #   ACCELERATE_CONFIG=train/deepspeed_zero2.yml train/aligned_hed.sh
 #   MACHINE_RANK=1 MAIN_IP=10.0.0.1 ACCELERATE_CONFIG=train/multinode.yml train/aligned_hed.sh
 # Overrides go to the config, e.g. logging.resume=latest optim.max_steps=5000 loss.alignment_weight=0.
+# accelerate comes from .venv when present (scripts/launch.sh).
 set -euo pipefail
 here="$(dirname "$0")"
-exec accelerate launch --config_file "${ACCELERATE_CONFIG:-$here/config.yml}" \
-  ${NUM_PROCESSES:+--num_processes "$NUM_PROCESSES"} ${MACHINE_RANK:+--machine_rank "$MACHINE_RANK"} \
-  ${MAIN_IP:+--main_process_ip "$MAIN_IP"} ${MAIN_PORT:+--main_process_port "$MAIN_PORT"} \
-  -m innercontrol.train --config "$here/../configs/hed.yaml" "$@"
+source "$here/../scripts/launch.sh"
+launch "$here/config.yml" innercontrol.train --config "$here/../configs/hed.yaml" "$@"

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from innercontrol.hub import HubUnreachableError, resolve_file
-from innercontrol.state_dicts import mismatches
+from innercontrol.state_dicts import looks_like_torch_save, mismatches
 
 EPS = 1e-6  # guards every per-sample division (a constant map has max == min)
 PURPOSES = ("reward", "eval")
@@ -43,17 +43,25 @@ def get_condition(
     device: str | torch.device = "cpu",
     purpose: str = "reward",
     trust_pickle: bool = False,
+    **options,
 ) -> Condition:
     """The frozen, differentiable condition `name`; model_path = local file/folder or hub id, None = published default.
 
     purpose "reward" or "eval" picks the published default where the two differ (depth). trust_pickle=True allows
-    a .pth checkpoint that cannot be read with weights_only=True (unpickling runs code from the file).
+    a .pth checkpoint that cannot be read with weights_only=True (unpickling runs code from the file). options go to
+    the condition's constructor (condition_options reads them from the config).
     """
     if name not in CONDITIONS:
         raise KeyError(f"unknown condition '{name}'; registered conditions: {', '.join(sorted(CONDITIONS))}")
     if purpose not in PURPOSES:
         raise ValueError(f"purpose={purpose!r} is not one of {', '.join(PURPOSES)}")
-    return CONDITIONS[name](model_path=model_path, purpose=purpose, trust_pickle=trust_pickle).to(device)
+    return CONDITIONS[name](model_path=model_path, purpose=purpose, trust_pickle=trust_pickle, **options).to(device)
+
+
+def condition_options(condition_cfg) -> dict:
+    """The config keys `condition.<name>_<option>` of the selected condition, as {option: value}."""
+    prefix = f"{condition_cfg.name}_"
+    return {key[len(prefix) :]: condition_cfg[key] for key in condition_cfg if key.startswith(prefix)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,6 +139,14 @@ class Condition(nn.Module):
         """Control map in [0,1] -> the alignment label."""
         return to_three_channels(control)
 
+    def reward_prediction(self, images: torch.Tensor) -> torch.Tensor:
+        """Decoded images in [0,1] -> the map the cycle-consistency reward compares with reward_label(control)."""
+        return self(images)
+
+    def reward_label(self, control: torch.Tensor) -> torch.Tensor:
+        """Control map in [0,1] -> the reward's label."""
+        return to_three_channels(control)
+
     def _model_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
@@ -175,16 +191,22 @@ def load_checkpoint(
 ) -> None:
     """Load a state dict from a .pth file into `module`, strictly; every mismatch is listed with expected shapes."""
     source = f"the published file is {filename} in the hub repository {repo_id}"
+    if not looks_like_torch_save(path):  # random bytes can fail to unpickle in any way, even with MemoryError
+        raise CheckpointError(f"{path} is not a torch checkpoint (damaged, or a file of another kind); {source}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
+        if trust_pickle:  # not a weights_only refusal: the pickle itself is broken
+            raise CheckpointError(f"{path} is not a readable torch checkpoint ({err}); {source}") from None
         raise CheckpointError(
             f"{path} holds objects other than tensors and cannot be read with torch.load(weights_only=True) "
             f"(unpickling it would run code from the file). If you trust the file, pass trust_pickle=True to "
             f"get_condition. ({str(err).splitlines()[0]})"
         ) from None
-    except (OSError, RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({err}); {source}") from None
+    except Exception as err:
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err}); {source}"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a state dict (key -> tensor); {source}")
     expected = module.state_dict()

@@ -16,7 +16,9 @@ from innercontrol.hub import HubUnreachableError, resolve_model
 DEFAULT_MODELS = {"reward": "Intel/dpt-hybrid-midas", "eval": "Intel/dpt-large"}
 DEFAULT_INPUT_SIZE = (384, 384)
 DEFAULT_MEAN_STD = (0.5, 0.5)
-RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}  # PIL codes in the image processor config
+RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
+# condition.depth_reward_normalization: "max" reproduces ControlNet++'s reward, "min_max" is ours (config.py says why).
+REWARD_NORMALIZATIONS = ("max", "min_max")  # PIL codes in the image processor config
 
 
 def read_preprocessing(folder: str | Path) -> dict:
@@ -48,7 +50,13 @@ class DepthCondition(Condition):
 
     metric = "rmse"
 
-    def __init__(self, model_path: Optional[str] = None, purpose: str = "reward", trust_pickle: bool = False):
+    def __init__(
+        self,
+        model_path: Optional[str] = None,
+        purpose: str = "reward",
+        trust_pickle: bool = False,
+        reward_normalization: str = "max",
+    ):
         from transformers import DPTForDepthEstimation
 
         name = model_path if model_path is not None else DEFAULT_MODELS[purpose]
@@ -66,6 +74,15 @@ class DepthCondition(Condition):
                 f"{config_key}=DIR"
             ) from None
         super().__init__(model)
+        if reward_normalization not in REWARD_NORMALIZATIONS:
+            raise ValueError(
+                f"condition.depth_reward_normalization={reward_normalization!r} is not one of "
+                f"{', '.join(REWARD_NORMALIZATIONS)}"
+            )
+        self.reward_normalization = reward_normalization
+        # Evaluation resizes like DPTImageProcessor (antialiased, as PIL); the reward keeps a plain resize, whose
+        # backward exists for every mode and device.
+        self.antialias = purpose == "eval"
         pre = read_preprocessing(folder)
         self.input_size, self.resize_mode = pre["size"], pre["mode"]
         self.register_buffer("mean", torch.tensor(pre["mean"]).view(1, 3, 1, 1), persistent=False)
@@ -73,9 +90,10 @@ class DepthCondition(Condition):
 
     def predict_depth(self, images: torch.Tensor) -> torch.Tensor:
         """Raw predicted relative inverse depth (B,1,H,W) at the image size, before any normalisation."""
-        # Resize and normalise in torch (not the image processor) so gradients reach the images; no antialias,
-        # whose backward is not implemented for every mode and device.
-        x = F.interpolate(images.float(), size=self.input_size, mode=self.resize_mode, align_corners=False)
+        # Resized and normalised in torch (not the image processor) so gradients reach the images.
+        x = F.interpolate(
+            images.float(), size=self.input_size, mode=self.resize_mode, align_corners=False, antialias=self.antialias
+        )
         x = ((x - self.mean) / self.std).to(self._model_dtype())
         depth = self.model(pixel_values=x).predicted_depth.unsqueeze(1).float()
         return F.interpolate(depth, size=images.shape[-2:], mode="bilinear", align_corners=False)
@@ -89,3 +107,13 @@ class DepthCondition(Condition):
 
     def normalize_label(self, control: torch.Tensor) -> torch.Tensor:
         return divide_by_max(channel_mean(control))
+
+    def reward_prediction(self, images: torch.Tensor) -> torch.Tensor:
+        if self.reward_normalization == "max":  # ControlNet++: the prediction divided by its per-sample max
+            return divide_by_max(self.predict_depth(images))
+        return self(images)  # min_max: the control map, min-max scaled like control_depth
+
+    def reward_label(self, control: torch.Tensor) -> torch.Tensor:
+        if self.reward_normalization == "max":  # ControlNet++: channel mean of the control divided by its max
+            return divide_by_max(channel_mean(control))
+        return super().reward_label(control)

@@ -88,9 +88,11 @@ class LineArtCondition(Condition):
             drawing = F.interpolate(drawing, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return 1.0 - drawing
 
+    # Alignment (DESIGN 3): the probe is trained on the white-line control, so its prediction is compared with the
+    # white-line control, neither side inverted. The published code inverts the min-max scaled prediction and
+    # compares it with the dark-line drawing (= 1 - control): (1 - p) - (1 - c) = c - p, the same loss.
     def normalize_probe_output(self, pred01: torch.Tensor) -> torch.Tensor:
-        # DESIGN 3: the line-art probe is read as a dark-line drawing, so it is min-max scaled and inverted.
-        return 1.0 - min_max(channel_mean(pred01))
+        return min_max(channel_mean(pred01))
 
     def normalize_label(self, control: torch.Tensor) -> torch.Tensor:
         return channel_mean(control)

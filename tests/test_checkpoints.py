@@ -1,0 +1,102 @@
+"""Checkpoint bookkeeping: the job and run each checkpoint records, and the guard of a fresh start."""
+
+import json
+
+import pytest
+import torch
+
+from innercontrol.checkpoints import (
+    OutputFolderError,
+    complete_checkpoints,
+    prepare_fresh_start,
+    resume,
+    save_checkpoint,
+)
+
+
+class Loader:
+    """Stands in for the data loader: only its resumable position matters here."""
+
+    def __init__(self, position=0):
+        self.position = position
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    return accelerator
+
+
+def state_of(checkpoint):
+    return json.loads((checkpoint / "training_state.json").read_text())
+
+
+def test_checkpoints_record_job_and_run_and_a_resume_keeps_the_run(accelerator, tmp_path):
+    run = resume(accelerator, "train", tmp_path, None, Loader())
+    assert (run.job, run.step, run.checkpoint) == ("train", 0, None)
+    save_checkpoint(accelerator, tmp_path, run, 3, {"position": 7}, {"reason": "interval"}, total_limit=3)
+    (checkpoint,) = complete_checkpoints(tmp_path)
+    assert state_of(checkpoint) == {"reason": "interval", "job": "train", "run_id": run.run_id, "step": 3}
+
+    loader = Loader()
+    resumed = resume(accelerator, "train", tmp_path, "latest", loader)
+    assert (resumed.run_id, resumed.step, resumed.checkpoint, loader.position) == (run.run_id, 3, checkpoint, 7)
+    save_checkpoint(accelerator, tmp_path, resumed, 5, {"position": 9}, {}, total_limit=3)
+    assert state_of(complete_checkpoints(tmp_path)[-1])["run_id"] == run.run_id  # one run across the resume
+    assert resume(accelerator, "train", tmp_path / "elsewhere", None, Loader()).run_id != run.run_id
+
+
+@pytest.mark.parametrize(
+    "recorded",
+    [{"job": "train_probes", "run_id": "x", "step": 6}, {"step": 6}],  # the second: written before jobs were recorded
+)
+def test_train_refuses_to_resume_a_probe_checkpoint(accelerator, tmp_path, recorded):
+    probe_run = resume(accelerator, "train_probes", tmp_path, None, Loader())
+    checkpoint = save_checkpoint(accelerator, tmp_path, probe_run, 6, {"position": 4}, {}, total_limit=3)
+    (checkpoint / "training_state.json").write_text(json.dumps(recorded))
+    loader = Loader()
+    with pytest.raises(OutputFolderError, match=rf"checkpoint of train_probes, not of train.*{tmp_path}"):
+        resume(accelerator, "train", tmp_path, "latest", loader)
+    assert loader.position == 0  # refused before anything was restored
+    # The probe job itself resumes it.
+    assert resume(accelerator, "train_probes", tmp_path, "latest", Loader()).step == 6
+
+
+def test_fresh_start_into_used_folder_stops_or_with_overwrite_removes_the_old_run(accelerator, tmp_path):
+    old = resume(accelerator, "train", tmp_path, None, Loader())
+    for step in (2, 4):
+        save_checkpoint(accelerator, tmp_path, old, step, {"position": step}, {}, total_limit=3)
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "empty_model").mkdir()  # an empty folder holds no run
+    outputs = [tmp_path / name for name in ("checkpoints", "config.yaml", "controlnet", "empty_model")]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+
+    with pytest.raises(OutputFolderError) as refused:
+        prepare_fresh_start(accelerator, outputs, None, False, hint="choose another folder with logging.output_dir=DIR")
+    message = str(refused.value)
+    assert "checkpoints/ (checkpoint-2, checkpoint-4)" in message and "config.yaml" in message
+    assert "empty_model" not in message and "controlnet" not in message
+    for advice in ("logging.resume=latest", "logging.output_dir=DIR", "logging.overwrite=true"):
+        assert advice in message
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing touched
+
+    prepare_fresh_start(accelerator, outputs, "latest", False, hint="")  # a resume is no fresh start
+    with pytest.raises(OutputFolderError, match="pass only one"):
+        prepare_fresh_start(accelerator, outputs, "latest", True, hint="")
+
+    prepare_fresh_start(accelerator, outputs, None, True, hint="")
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.yaml").exists()
+    assert resume(accelerator, "train", tmp_path, "latest", Loader()).checkpoint is None  # nothing left to pick up

@@ -1,0 +1,58 @@
+import shutil
+
+import pytest
+
+from innercontrol.config import load_config
+from innercontrol.hub import ModelFolderError
+from innercontrol.models import controlnet_folder, load_controlnet, load_stable_diffusion
+
+
+def model_config(pretrained, controlnet=None):
+    overrides = [f"model.pretrained_model={pretrained}", f"model.controlnet={controlnet or 'null'}"]
+    return load_config(None, overrides).model
+
+
+def test_empty_pretrained_folder_names_folder_and_layout(tmp_path):
+    (tmp_path / "sd").mkdir()
+    with pytest.raises(ModelFolderError, match=r"model.pretrained_model folder '.*sd' is empty: it should hold") as err:
+        load_stable_diffusion(model_config(tmp_path / "sd"))
+    assert "model_index.json, tokenizer/, text_encoder/, vae/, unet/, scheduler/" in str(err.value)
+
+
+def test_pretrained_folder_without_tokenizer_lists_what_is_missing(tmp_path, tiny_dir):
+    sd = shutil.copytree(tiny_dir, tmp_path / "sd", ignore=shutil.ignore_patterns("tokenizer", "scheduler"))
+    with pytest.raises(ModelFolderError, match=r"'.*sd' lacks tokenizer/tokenizer.json .*, scheduler/scheduler_config"):
+        load_stable_diffusion(model_config(sd))
+
+
+def test_tokenizer_that_loads_empty_is_refused(tmp_path, tiny_dir):
+    # transformers builds a tokenizer of the 2 special tokens from an empty vocabulary instead of failing
+    sd = shutil.copytree(tiny_dir, tmp_path / "sd")
+    (sd / "tokenizer" / "tokenizer.json").unlink()
+    (sd / "tokenizer" / "vocab.json").write_text("{}")
+    (sd / "tokenizer" / "merges.txt").write_text("")
+    with pytest.raises(ModelFolderError, match=r"tokenizer in '.*sd/tokenizer' \(model.pretrained_model\) has only 2"):
+        load_stable_diffusion(model_config(sd))
+
+
+def test_empty_controlnet_folder_names_folder_and_contents(tmp_path, tiny_dir):
+    (tmp_path / "cn").mkdir()
+    cfg = model_config(tiny_dir, tmp_path / "cn")
+    with pytest.raises(ModelFolderError, match=r"model.controlnet folder '.*cn' is empty: .*config.json"):
+        load_controlnet(cfg, unet=None)
+    (tmp_path / "cn" / "config.json").write_text("{}")
+    with pytest.raises(ModelFolderError, match=r"'.*cn' lacks weights \(diffusion_pytorch_model.safetensors\)"):
+        load_controlnet(cfg, unet=None)
+
+
+def test_controlnet_folder_accepts_a_training_output(tiny_dir):
+    # an output_dir of python -m innercontrol.train (here: the tiny pipeline's folder) holds the model in controlnet/
+    assert controlnet_folder(str(tiny_dir)) == str(tiny_dir / "controlnet")
+    assert controlnet_folder(str(tiny_dir / "controlnet")) == str(tiny_dir / "controlnet")
+
+
+def test_damaged_weights_name_the_part(tmp_path, tiny_dir):
+    sd = shutil.copytree(tiny_dir, tmp_path / "sd")
+    (sd / "vae" / "config.json").write_text("{not json")
+    with pytest.raises(ModelFolderError, match=r"cannot load AutoencoderKL from '.*sd/vae' \(model.pretrained_model\)"):
+        load_stable_diffusion(model_config(sd))
