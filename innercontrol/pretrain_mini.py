@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 
 SCENE_PRESETS = {
-    "cpu": dict(num_train=8000, num_held_out=256, resolution=128),
-    "smoke": dict(num_train=24, num_held_out=8, resolution=64),
+    # supersample 2: antialiased scenes. Measured bound on 64 held-out scenes, area-down to 32x32 and bicubic back:
+    # 25.4 dB at 1x, 27.1 dB at 2x (the aliased stripe / checker / tile edges carried most of the error).
+    "cpu": dict(num_train=8000, num_held_out=256, resolution=128, supersample=2),
+    "smoke": dict(num_train=24, num_held_out=8, resolution=64, supersample=1),
 }
 STAGES = ("vae", "clip", "depth", "unet")
 
@@ -63,7 +65,9 @@ def pretrain(out: Path, work: Path, preset: str, seed: int, progress: bool = Tru
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     scenes = SCENE_PRESETS[preset]
-    train_bank, held_out = banks(work, scenes["num_train"], scenes["num_held_out"], scenes["resolution"], seed)
+    train_bank, held_out = banks(
+        work, scenes["num_train"], scenes["num_held_out"], scenes["resolution"], seed, scenes["supersample"]
+    )
     report: dict = {"preset": preset, "seed": seed, "scenes": scenes}
 
     vae = autoencoder.train(train_bank, autoencoder.PRESETS[preset], work, seed, progress)

@@ -88,8 +88,19 @@ def _shape_mask(shape: str, ys: np.ndarray, xs: np.ndarray, centre_x: float, foo
     return inside_rows & (np.abs(xs - centre_x) <= (ys - top) / 2)  # triangle, apex up
 
 
-def render_scene(index: int, resolution: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
-    """Scene `index` of the set with this seed: image (R,R,3) uint8, depth (R,R) float in [0,1] (near = 1), caption."""
+def render_scene(
+    index: int, resolution: int, seed: int = 0, supersample: int = 1
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Scene `index` of the set with this seed: image (R,R,3) uint8, depth (R,R) float in [0,1] (near = 1), caption.
+
+    supersample=k renders the image at k times the resolution and averages each k x k block (antialiased edges and
+    textures, the same scene); the depth map and caption are the exact ones of the 1x rendering.
+    """
+    if supersample > 1:
+        large, _, _ = render_scene(index, resolution * supersample, seed)
+        image = large.reshape(resolution, supersample, resolution, supersample, 3).mean(axis=(1, 3))
+        _, depth, caption = render_scene(index, resolution, seed)
+        return np.round(image).astype(np.uint8), depth, caption
     rng = np.random.default_rng([seed, index])
     size = resolution
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5

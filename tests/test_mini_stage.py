@@ -24,6 +24,10 @@ def test_scene_bank_renders_caches_and_rerenders_on_other_settings(tmp_path):
     assert SceneBank.load_or_render(tmp_path / "bank.npz", num=3, resolution=32, seed=5).captions == ["x"] * 3  # cached
     other = SceneBank.load_or_render(tmp_path / "bank.npz", num=3, resolution=32, seed=6)  # other settings: rendered
     assert other.captions[0] == render_scene(0, 32, 6)[2]
+    antialiased = SceneBank.load_or_render(tmp_path / "bank.npz", num=3, resolution=32, seed=6, supersample=2)
+    assert torch.equal(
+        antialiased.images[1], torch.from_numpy(render_scene(1, 32, 6, supersample=2)[0]).permute(2, 0, 1)
+    )
     train, held_out = banks(tmp_path, 4, 4, 32, seed=0)
     assert not any(torch.equal(a, b) for a in train.images for b in held_out.images)  # held-out never trained on
 

@@ -125,3 +125,18 @@ def test_command_line(tmp_path):
     ]
     usage = subprocess.run([sys.executable, "-m", "innercontrol.synthetic", "--help"], capture_output=True, text=True)
     assert "--val-fraction" in usage.stdout and "python -m innercontrol.synthetic --out" in usage.stdout
+
+
+def test_supersampled_scene_is_the_block_mean_of_the_larger_rendering_with_exact_depth():
+    """supersample=k: image = k x k block means of the scene rendered at k times the size (antialiased), depth and
+    caption those of the 1x scene (exact)."""
+    from innercontrol.synthetic import render_scene
+
+    image, depth, caption = render_scene(3, 32, seed=7, supersample=2)
+    large, _, _ = render_scene(3, 64, seed=7)
+    plain, plain_depth, plain_caption = render_scene(3, 32, seed=7)
+    expected = np.round(large.astype(np.float64).reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))).astype(np.uint8)
+    np.testing.assert_array_equal(image, expected)
+    np.testing.assert_array_equal(depth, plain_depth)
+    assert caption == plain_caption
+    assert not np.array_equal(image, plain)  # edges are blended, no longer hard

@@ -30,14 +30,14 @@ class SceneBank:
         return len(self.captions)
 
     @classmethod
-    def render(cls, num: int, resolution: int, seed: int, progress: bool = True) -> SceneBank:
+    def render(cls, num: int, resolution: int, seed: int, progress: bool = True, supersample: int = 1) -> SceneBank:
         from tqdm.auto import tqdm
 
         images = np.empty((num, resolution, resolution, 3), dtype=np.uint8)
         depth = np.empty((num, resolution, resolution), dtype=np.uint8)
         captions = []
         for index in tqdm(range(num), desc=f"render scenes (seed {seed})", unit="img", disable=not progress):
-            image, scene_depth, caption = render_scene(index, resolution, seed)
+            image, scene_depth, caption = render_scene(index, resolution, seed, supersample)
             images[index], depth[index] = image, np.round(scene_depth * 255).astype(np.uint8)
             captions.append(caption)
         return cls(
@@ -45,10 +45,12 @@ class SceneBank:
         )
 
     @classmethod
-    def load_or_render(cls, path: str | Path, num: int, resolution: int, seed: int) -> SceneBank:
+    def load_or_render(cls, path: str | Path, num: int, resolution: int, seed: int, supersample: int = 1) -> SceneBank:
         """The cached bank at `path` if it was made with these settings, else rendered and cached (atomically)."""
         path = Path(path)
         settings = {"num": num, "resolution": resolution, "seed": seed}
+        if supersample > 1:  # (absent for 1, so banks cached before the option stay valid)
+            settings["supersample"] = supersample
         if path.is_file():
             with np.load(path) as cached:
                 if json.loads(str(cached["settings"])) == settings:
@@ -57,7 +59,7 @@ class SceneBank:
                         torch.from_numpy(cached["depth"]),
                         json.loads(str(cached["captions"])),
                     )
-        bank = cls.render(num, resolution, seed)
+        bank = cls.render(num, resolution, seed, supersample=supersample)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(
@@ -79,12 +81,12 @@ class SceneBank:
 
 
 def banks(
-    work: str | Path, num_train: int, num_held_out: int, resolution: int, seed: int
+    work: str | Path, num_train: int, num_held_out: int, resolution: int, seed: int, supersample: int = 1
 ) -> tuple[SceneBank, SceneBank]:
-    """(train, held-out) banks cached under `work`."""
+    """(train, held-out) banks cached under `work`; supersample: see synthetic.render_scene (antialiased images)."""
     work = Path(work)
-    train = SceneBank.load_or_render(work / f"scenes_train_{resolution}.npz", num_train, resolution, seed)
+    train = SceneBank.load_or_render(work / f"scenes_train_{resolution}.npz", num_train, resolution, seed, supersample)
     held_out = SceneBank.load_or_render(
-        work / f"scenes_held_out_{resolution}.npz", num_held_out, resolution, seed + HELD_OUT_SEED_OFFSET
+        work / f"scenes_held_out_{resolution}.npz", num_held_out, resolution, seed + HELD_OUT_SEED_OFFSET, supersample
     )
     return train, held_out
