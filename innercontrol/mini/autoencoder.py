@@ -27,7 +27,9 @@ PRESETS: dict[str, dict] = {
         norm_num_groups=8,
         crop=64,
         batch_size=16,
-        lr=2e-3,
+        # Trial on 2x-supersampled scenes, same schedule, held-out PSNR at 250/500/750 steps: lr 2e-3 18.6/19.0/19.5,
+        # lr 5e-4 18.4/19.3/20.3 dB.
+        lr=5e-4,
         warmup=100,
         checkpoint_every=250,
         max_steps=3000,
