@@ -32,6 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from innercontrol.fingerprint import changed_settings
+from innercontrol.report import write_text
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 REQUEST_FILE = "annotate.json"
 
@@ -180,7 +183,7 @@ def claim_output(output_dir: Path, request: dict, inputs: list[Path]) -> Optiona
     record = output_dir / REQUEST_FILE
     if record.is_file():
         found = json.loads(record.read_text())
-        changed = [f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in request.items() if found.get(k) != v]
+        changed = changed_settings(found, request, recorded_where="there")
         if changed:
             return (
                 f"--output {output_dir} holds maps of another request ({'; '.join(changed)}); pass another --output "
@@ -195,9 +198,7 @@ def claim_output(output_dir: Path, request: dict, inputs: list[Path]) -> Optiona
             "what made them; pass another --output or delete them"
         )
     output_dir.mkdir(parents=True, exist_ok=True)
-    temporary = record.with_name(f".{record.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(request, indent=1))
-    os.replace(temporary, record)
+    write_text(record, json.dumps(request, indent=1))
     return None
 
 

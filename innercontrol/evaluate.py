@@ -43,7 +43,7 @@ from PIL import Image
 from innercontrol import metrics
 from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.distributed import finish
-from innercontrol.fingerprint import content_digest, normalized_path
+from innercontrol.fingerprint import changed_settings, content_digest, normalized_path
 from innercontrol.hub import resolve_model
 from innercontrol.models import controlnet_folder, stable_diffusion_folder
 from innercontrol.report import (
@@ -106,13 +106,11 @@ def generation_fingerprint(cfg, controlnet: str, dtype: torch.dtype) -> dict:
     """The settings behind the generated images; the models by the sha256 of their files, so retrained weights in
     the same folder are a different setting (content_digest hashes each file once per process)."""
     keys = ("num_inference_steps", "guidance_scale", "negative_prompt", "images_per_prompt", "seed", "resolution")
-    controlnet_folder = resolve_controlnet(controlnet)
-    pretrained_folder = stable_diffusion_folder(cfg.model.pretrained_model)
     return {
         "pretrained_model": normalized_path(cfg.model.pretrained_model),
         "controlnet": normalized_path(controlnet),
-        "pretrained_model_sha256": content_digest(pretrained_folder),
-        "controlnet_sha256": content_digest(controlnet_folder),
+        "pretrained_model_sha256": content_digest(stable_diffusion_folder(cfg.model.pretrained_model)),
+        "controlnet_sha256": content_digest(resolve_controlnet(controlnet)),
         "variant": cfg.model.variant,
         "dtype": str(dtype).replace("torch.", ""),
         **{key: cfg.eval[key] for key in keys},
@@ -123,8 +121,7 @@ def check_fingerprint(path: Path, expected: dict, what: str) -> None:
     """Refuse to mix outputs of different settings in one folder (resuming must continue the same evaluation)."""
     found = json.loads(path.read_text())
     found = {k: normalized_path(found.get(k)) if k in PATH_KEYS else found.get(k) for k in expected}
-    compared = [k for k in expected if k not in LOCATION_KEYS]
-    changed = [f"{k}: {found[k]!r} on disk, {expected[k]!r} now" for k in compared if found[k] != expected[k]]
+    changed = changed_settings(found, expected, [k for k in expected if k not in LOCATION_KEYS])
     if changed:
         raise ConfigError(
             f"{path.parent} holds {what} made with other settings ({'; '.join(changed)}); "

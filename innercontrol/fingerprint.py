@@ -58,3 +58,9 @@ def content_digest(path: str | Path) -> str:
         if file.is_file():
             digest.update(f"{relative.as_posix()}\0{file_digest(file)}\n".encode())
     return digest.hexdigest()
+
+
+def changed_settings(recorded: dict, now: dict, keys=None, recorded_where: str = "on disk") -> list[str]:
+    """'key: <recorded> on disk, <now> now' for every key (default: all of `now`) whose value differs."""
+    keys = list(now) if keys is None else keys
+    return [f"{k}: {recorded.get(k)!r} {recorded_where}, {now[k]!r} now" for k in keys if recorded.get(k) != now[k]]

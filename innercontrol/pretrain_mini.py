@@ -33,6 +33,7 @@ SCENE_PRESETS = {
     "smoke": dict(num_train=24, num_held_out=8, resolution=64, supersample=1),
 }
 STAGES = ("vae", "clip", "depth", "unet")
+PART_FOLDERS = {"vae": "vae", "clip": "clip", "depth": "dpt"}  # where each image stage's model goes under OUT
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,21 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
-def stage_report(work: Path, name: str) -> dict:
-    done = work / name / "done.json"
-    return json.loads(done.read_text()) if done.is_file() else {}
-
-
 def pretrain(out: Path, work: Path, preset: str, seed: int, progress: bool = True) -> dict:
     """Run (or resume) every stage; returns the quality report also written to OUT/report.json."""
     from innercontrol.mini import autoencoder, clip, depth, unet
     from innercontrol.mini.scenes import banks
+    from innercontrol.mini.stage import done_report, mark_done
+    from innercontrol.report import write_text
     from innercontrol.tiny import tiny_tokenizer
 
     start = time.time()
@@ -70,21 +62,16 @@ def pretrain(out: Path, work: Path, preset: str, seed: int, progress: bool = Tru
     )
     report: dict = {"preset": preset, "seed": seed, "scenes": scenes}
 
-    vae = autoencoder.train(train_bank, autoencoder.PRESETS[preset], work, seed, progress)
-    report["vae"] = stage_report(work, "vae") or finish_stage(
-        work, "vae", autoencoder.evaluate(vae, held_out, autoencoder.PRESETS[preset])
-    )
-    clip_model = clip.train(train_bank, clip.PRESETS[preset], work, seed, progress)
-    report["clip"] = stage_report(work, "clip") or finish_stage(
-        work, "clip", clip.evaluate(clip_model, held_out, clip.PRESETS[preset])
-    )
-    depth_model = depth.train(train_bank, depth.PRESETS[preset], work, seed, progress)
-    report["depth"] = stage_report(work, "depth") or finish_stage(
-        work, "depth", depth.evaluate(depth_model, held_out, depth.PRESETS[preset])
-    )
-    autoencoder.save(vae, out / "vae")
-    clip.save(clip_model, out / "clip")
-    depth.save(depth_model, out / "dpt")
+    # The image stages: train (or resume), evaluate once on the held-out scenes, save in the hub layout.
+    trained = {}
+    for name, module in (("vae", autoencoder), ("clip", clip), ("depth", depth)):
+        stage_preset = module.PRESETS[preset]
+        trained[name] = module.train(train_bank, stage_preset, work, seed, progress)
+        report[name] = done_report(work, name) or mark_done(
+            work, name, module.evaluate(trained[name], held_out, stage_preset)
+        )
+        module.save(trained[name], out / PART_FOLDERS[name])
+    vae, clip_model = trained["vae"], trained["clip"]
 
     tokenizer, text_encoder = tiny_tokenizer(), clip.text_encoder(clip_model).eval()
     vae.requires_grad_(False).eval()
@@ -92,27 +79,19 @@ def pretrain(out: Path, work: Path, preset: str, seed: int, progress: bool = Tru
     unet_preset = unet.PRESETS[preset]
     base, _ = unet.train(train_bank, unet_preset, work, seed, vae, tokenizer, text_encoder, progress)
     pipe = unet.pipeline(vae, text_encoder, tokenizer, base)
-    if not stage_report(work, "unet"):
+    if not done_report(work, "unet"):
         from transformers import CLIPModel, CLIPProcessor
 
         clip_scorer = CLIPModel.from_pretrained(out / "clip").eval()
         clip_processor = CLIPProcessor.from_pretrained(out / "clip")
         quality, samples = unet.evaluate(pipe, held_out, unet_preset, clip_scorer, clip_processor, seed)
-        finish_stage(work, "unet", quality)
+        mark_done(work, "unet", quality)
         save_sample_grid(samples[:16], held_out, out / "base_samples.png")
-    report["unet"] = stage_report(work, "unet")
+    report["unet"] = done_report(work, "unet")
     pipe.save_pretrained(out, safe_serialization=True)
     report["seconds_this_run"] = round(time.time() - start, 1)
     report["train_seconds"] = round(sum(report[s].get("train_seconds", 0.0) for s in STAGES), 1)
-    write_json(out / "report.json", report)
-    return report
-
-
-def finish_stage(work: Path, name: str, quality: dict) -> dict:
-    """Write work/<name>/done.json (steps and training time from the stage's last checkpoint, and its quality)."""
-    state = torch.load(work / name / "checkpoint.pt", map_location="cpu", weights_only=True)
-    report = {"stage": name, "steps": int(state["step"]), "train_seconds": round(float(state["seconds"]), 1), **quality}
-    write_json(work / name / "done.json", report)
+    write_text(out / "report.json", json.dumps(report, indent=2))
     return report
 
 

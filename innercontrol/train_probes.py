@@ -121,7 +121,8 @@ def accuracy_by_timestep(cfg, sd, model, probe, condition, held_out, mean_label,
         predicted = condition.normalize_probe_output((prediction + 1) / 2)
         probe_error = (predicted - label).pow(2).flatten(1).mean(1)
         mean_error = (mean_label.to(device) - label).pow(2).flatten(1).mean(1)
-        difference, difference_se = paired_margin((probe_error - mean_error).tolist())
+        differences = (probe_error - mean_error).tolist()
+        difference, difference_se = paired_margin(differences)
         rows.append(
             {
                 "t_low": low,
@@ -131,7 +132,7 @@ def accuracy_by_timestep(cfg, sd, model, probe, condition, held_out, mean_label,
                 "difference": difference,
                 "difference_se": difference_se,
                 "output_std": prediction.std(dim=0).mean().item(),
-                "per_sample_difference": (probe_error - mean_error).tolist(),
+                "per_sample_difference": differences,
             }
         )
     return rows
@@ -422,7 +423,8 @@ def report_and_save(cfg, accelerator, sd, model, probe, condition, step, label_s
     if failed:
         raise FailedProbeError(
             f"the probe failed: it is worse than predicting the mean control map ({margin}); saved to {target} for "
-            f"inspection, not to {cfg.probe.path}. Train longer (probe.max_steps) or change probe.lr, with logging.overwrite=true to start over"
+            f"inspection, not to {cfg.probe.path}. Train longer (probe.max_steps) or change probe.lr, with "
+            "logging.overwrite=true to start over"
         )
     if verdict == "tie":
         logger.warning(

@@ -45,3 +45,26 @@ def load_tiny_components(tiny_dir):
     vae = AutoencoderKL.from_pretrained(tiny_dir, subfolder="vae")
     scheduler = DDPMScheduler.from_pretrained(tiny_dir, subfolder="scheduler")
     return unet, controlnet, vae, scheduler
+
+
+def killed_after_first_checkpoint_then_resumed(train, work, monkeypatch):
+    """Run train(work) until the stage's first checkpoint is saved and kill it there (KeyboardInterrupt right after
+    Stage.save), then run train(work) again. Returns (the step of the checkpoint left behind, the resumed model)."""
+    import pytest
+
+    from innercontrol.mini import stage
+
+    original_save = stage.Stage.save
+
+    def save_then_die(self):
+        original_save(self)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stage.Stage, "save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            train(work)
+    checkpoints = list(work.glob("*/checkpoint.pt"))
+    assert len(checkpoints) == 1
+    step = torch.load(checkpoints[0], weights_only=True)["step"]
+    return step, train(work)

@@ -8,8 +8,10 @@ import torch
 from PIL import Image
 
 from innercontrol import metrics
-from innercontrol.mini import clip, stage
+from innercontrol.mini import clip
 from innercontrol.mini.scenes import SceneBank
+
+from .helpers import killed_after_first_checkpoint_then_resumed
 
 SMOKE = clip.PRESETS["smoke"]
 
@@ -41,18 +43,10 @@ def test_smoke_training_lowers_the_loss(trained, bank):
 
 
 def test_resumed_run_equals_an_uninterrupted_one(bank, trained, tmp_path, monkeypatch):
-    original_save = stage.Stage.save
-
-    def save_then_die(self):
-        original_save(self)
-        raise KeyboardInterrupt  # killed right after the step-4 checkpoint
-
-    monkeypatch.setattr(stage.Stage, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        clip.train(bank, SMOKE, tmp_path, seed=0, progress=False)
-    monkeypatch.setattr(stage.Stage, "save", original_save)
-    assert torch.load(tmp_path / "clip" / "checkpoint.pt", weights_only=True)["step"] == SMOKE["checkpoint_every"]
-    resumed = clip.train(bank, SMOKE, tmp_path, seed=0, progress=False)
+    step, resumed = killed_after_first_checkpoint_then_resumed(
+        lambda work: clip.train(bank, SMOKE, work, seed=0, progress=False), tmp_path, monkeypatch
+    )
+    assert step == SMOKE["checkpoint_every"]
     straight = trained.state_dict()
     for name, value in resumed.state_dict().items():
         torch.testing.assert_close(value, straight[name], rtol=0, atol=1e-6, msg=name)

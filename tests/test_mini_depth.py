@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from innercontrol.conditions import get_condition
-from innercontrol.mini import depth, stage
+from innercontrol.mini import depth
 from innercontrol.mini.scenes import SceneBank
+
+from .helpers import killed_after_first_checkpoint_then_resumed
 
 SMOKE = depth.PRESETS["smoke"]
 
@@ -45,18 +47,10 @@ def test_fresh_model_predicts_positive_depth_everywhere(bank):
 
 
 def test_resumed_run_equals_an_uninterrupted_one(bank, trained, tmp_path, monkeypatch):
-    original_save = stage.Stage.save
-
-    def save_then_die(self):
-        original_save(self)
-        raise KeyboardInterrupt  # killed right after the first checkpoint
-
-    monkeypatch.setattr(stage.Stage, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        depth.train(bank, SMOKE, tmp_path, seed=0, progress=False)
-    monkeypatch.setattr(stage.Stage, "save", original_save)
-    assert torch.load(tmp_path / "depth" / "checkpoint.pt", weights_only=True)["step"] == SMOKE["checkpoint_every"]
-    resumed = depth.train(bank, SMOKE, tmp_path, seed=0, progress=False)
+    step, resumed = killed_after_first_checkpoint_then_resumed(
+        lambda work: depth.train(bank, SMOKE, work, seed=0, progress=False), tmp_path, monkeypatch
+    )
+    assert step == SMOKE["checkpoint_every"]
     straight = trained.state_dict()
     for name, value in resumed.state_dict().items():
         torch.testing.assert_close(value, straight[name], rtol=0, atol=1e-6, msg=name)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from innercontrol.mini.scenes import SceneBank, banks
-from innercontrol.mini.stage import Stage, warmup_cosine
+from innercontrol.mini.stage import Stage, done_report, mark_done, warmup_cosine
 from innercontrol.synthetic import render_scene
 
 
@@ -74,9 +74,10 @@ def test_interrupted_stage_resumes_exactly_and_logs(tmp_path):
     rows = (tmp_path / "b" / "s" / "log.csv").read_text().splitlines()
     assert rows[0].startswith("step,seconds,lr,loss") and [r.split(",")[0] for r in rows[1:]] == ["3", "6"]
     assert not (tmp_path / "b" / "s" / "checkpoint.pt.tmp").exists()
-    second.finish({"quality": 1.5})
+    assert done_report(tmp_path / "b", "s") == {}
+    mark_done(tmp_path / "b", "s", {"quality": 1.5})
     done = json.loads((tmp_path / "b" / "s" / "done.json").read_text())
-    assert second.done() and done["steps"] == 6 and done["quality"] == 1.5
+    assert done_report(tmp_path / "b", "s") == done and done["steps"] == 6 and done["quality"] == 1.5
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path):

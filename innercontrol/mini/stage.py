@@ -2,6 +2,7 @@
 
     stage = Stage("vae", work, model, lr=1e-3, max_steps=3000)
     stage.run(lambda step, generator: {"loss": ..., "mse": ...})   # resumes from work/vae/checkpoint.pt
+    mark_done(work, "vae", {"psnr_db": ...})                      # work/vae/done.json; done_report reads it
 
 Each step draws its batch and noise from a generator seeded by (seed, step), so a resumed stage takes exactly the
 steps an uninterrupted one would. Checkpoints (model, optimizer, schedule, step) are written under a temporary name
@@ -19,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from innercontrol.report import write_text
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -67,13 +70,6 @@ class Stage:
     @property
     def checkpoint_file(self) -> Path:
         return self.folder / "checkpoint.pt"
-
-    @property
-    def done_file(self) -> Path:
-        return self.folder / "done.json"
-
-    def done(self) -> bool:
-        return self.done_file.is_file()
 
     def save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -145,9 +141,18 @@ class Stage:
         self.model.eval()
         return self.model
 
-    def finish(self, report: dict) -> None:
-        """Mark the stage done with its quality report (the orchestrator then skips it)."""
-        report = {"stage": self.name, "steps": self.step, "train_seconds": round(self.seconds, 1), **report}
-        tmp = self.done_file.with_name("done.json.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, self.done_file)
+
+def done_report(work: str | Path, name: str) -> dict:
+    """The report of a finished stage (work/<name>/done.json); {} while the stage is not done."""
+    done = Path(work) / name / "done.json"
+    return json.loads(done.read_text()) if done.is_file() else {}
+
+
+def mark_done(work: str | Path, name: str, quality: dict) -> dict:
+    """Record stage `name` as done (the orchestrator then skips its evaluation): steps and training time from its
+    last checkpoint, and its held-out quality. Returns the report."""
+    folder = Path(work) / name
+    state = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+    report = {"stage": name, "steps": int(state["step"]), "train_seconds": round(float(state["seconds"]), 1), **quality}
+    write_text(folder / "done.json", json.dumps(report, indent=2))
+    return report
