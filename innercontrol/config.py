@@ -173,6 +173,9 @@ class EvalConfig:
     clip_model: str = "openai/clip-vit-base-patch16"
     # Local Inception weights for clean-fid on offline machines; null = clean-fid's own download.
     inception_weights: Optional[str] = None
+    # FID's features: "inception" (clean-fid, the published protocol) or "clip" (eval.clip_model's image embeddings;
+    # the miniature's only meaningful features offline, not comparable with any published FID).
+    fid_features: str = "inception"
 
 
 @dataclass
@@ -411,6 +414,7 @@ RANGES: dict[str, Range] = {
     "eval.mixed_precision": PRECISION,
     "eval.clip_model": NOT_EMPTY,
     "eval.inception_weights": optional(NOT_EMPTY),
+    "eval.fid_features": one_of("inception", "clip"),
 }
 
 

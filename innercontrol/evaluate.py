@@ -10,12 +10,17 @@
     NUM_PROCESSES=8 eval/eval_depth.sh CONTROLNET model.pretrained_model=DIR eval.dataset=DIR eval.output_dir=DIR
     # probe readout: the probe's error against the input control at each sampling step
     accelerate launch -m innercontrol.evaluate --config configs/depth.yaml --controlnet DIR --probe checkpoints/probes/depth
+    # the floor: the base model alone (no ControlNet) on the same prompts, controls and seeds
+    python -m innercontrol.evaluate --config configs/mini.yaml --controlnet none eval.output_dir=outputs/eval_floor
     # CPU-sized and offline (after `python -m innercontrol.demo`); FID needs eval.inception_weights=FILE offline:
     python -m innercontrol.evaluate --config configs/tiny.yaml --controlnet outputs/demo/tiny/controlnet \\
         --metrics control,clip
 
 Writes to eval.output_dir: real/{index}.png (the eval images at eval.resolution), controls/{index}.png (the controls
 fed to the ControlNet), images/group_{g}/{index}.png, metrics.json, report.md, per_sample.csv, grid.png.
+With the control metric and a control column in the eval set, metrics.json also holds real_images_<metric>: the
+condition model's score of the real eval images against their own controls, the ceiling a generated image can reach
+under this evaluator (not computed for canny, whose label is the real image's own edges).
 Image (index, g) is generated from the seed (eval.seed * 1_000_003 + index) * 1024 + g and every pipeline call has
 eval.batch_size images (the last one padded), so the images do not depend on the number of processes (byte-equal
 on CPU and on an H200 in fp16; another eval.batch_size can move GPU pixels by one level). Rerunning over the same
@@ -61,6 +66,7 @@ from innercontrol.report import (
 )
 
 METRIC_CHOICES = ("control", "clip", "fid", "all")
+NO_CONTROLNET = "none"  # --controlnet none: the base model alone, the floor of controllability
 MAX_IMAGES_PER_PROMPT = 1024  # the seed formula keeps (index, group) distinct below this
 
 
@@ -108,9 +114,9 @@ def generation_fingerprint(cfg, controlnet: str, dtype: torch.dtype) -> dict:
     keys = ("num_inference_steps", "guidance_scale", "negative_prompt", "images_per_prompt", "seed", "resolution")
     return {
         "pretrained_model": normalized_path(cfg.model.pretrained_model),
-        "controlnet": normalized_path(controlnet),
+        "controlnet": NO_CONTROLNET if is_floor(controlnet) else normalized_path(controlnet),
         "pretrained_model_sha256": content_digest(stable_diffusion_folder(cfg.model.pretrained_model)),
-        "controlnet_sha256": content_digest(resolve_controlnet(controlnet)),
+        "controlnet_sha256": NO_CONTROLNET if is_floor(controlnet) else content_digest(resolve_controlnet(controlnet)),
         "variant": cfg.model.variant,
         "dtype": str(dtype).replace("torch.", ""),
         **{key: cfg.eval[key] for key in keys},
@@ -188,6 +194,11 @@ def compute_missing_controls(cfg, out: Path, indices: list[int], device: torch.d
 # Generation.
 
 
+def is_floor(controlnet: str) -> bool:
+    """--controlnet none: evaluate the base model without a ControlNet (it never sees the controls)."""
+    return str(controlnet).lower() == NO_CONTROLNET
+
+
 def resolve_controlnet(name_or_path: str) -> str:
     """A ControlNet folder (config.json inside), a training output holding controlnet/, or a hub id."""
     return controlnet_folder(name_or_path, config_key="--controlnet")
@@ -200,13 +211,23 @@ def pipeline_dtype(cfg, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(cfg, controlnet: str, device: torch.device, dtype: torch.dtype):
-    """StableDiffusionControlNetPipeline (model.pretrained_model + the ControlNet) with the UniPC scheduler."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+    """StableDiffusionControlNetPipeline (model.pretrained_model + the ControlNet) with the UniPC scheduler; the plain
+    StableDiffusionPipeline for --controlnet none."""
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+        UniPCMultistepScheduler,
+    )
 
-    net = ControlNetModel.from_pretrained(resolve_controlnet(controlnet), torch_dtype=dtype)
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+    if is_floor(controlnet):
+        pipeline_class, parts = StableDiffusionPipeline, {}
+    else:
+        net = ControlNetModel.from_pretrained(resolve_controlnet(controlnet), torch_dtype=dtype)
+        pipeline_class, parts = StableDiffusionControlNetPipeline, {"controlnet": net}
+    pipe = pipeline_class.from_pretrained(
         stable_diffusion_folder(cfg.model.pretrained_model),
-        controlnet=net,
+        **parts,
         safety_checker=None,
         requires_safety_checker=False,
         variant=cfg.model.variant,
@@ -215,6 +236,11 @@ def load_pipeline(cfg, controlnet: str, device: torch.device, dtype: torch.dtype
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def control_input(pipe, controls: torch.Tensor) -> dict:
+    """The pipeline's control argument: the controls for a ControlNet pipeline, nothing for the base alone."""
+    return {"image": controls} if hasattr(pipe, "controlnet") else {}
 
 
 def missing_images(cfg, out: Path, indices: list[int]) -> list[tuple[int, int]]:
@@ -235,7 +261,7 @@ def generate(cfg, pipe, out: Path, samples: list[dict], todo: list[tuple[int, in
         controls = load_images([out / "controls" / f"{i}.png" for i, _ in padded])
         images = pipe(
             prompt=[samples[i]["caption"] for i, _ in padded],
-            image=controls,
+            **control_input(pipe, controls),
             negative_prompt=[e.negative_prompt] * len(padded),
             num_inference_steps=e.num_inference_steps,
             guidance_scale=e.guidance_scale,
@@ -254,9 +280,13 @@ def generate(cfg, pipe, out: Path, samples: list[dict], todo: list[tuple[int, in
 # Metrics per image (each process scores its share) and over the whole set (main process).
 
 
-def control_scores(cfg, condition, out: Path, chunk: list[tuple[int, int]], device: torch.device) -> dict:
-    """Controllability of images (index, group): the condition of the generated image vs the input control."""
-    generated = load_images([image_path(out, g, i) for i, g in chunk]).to(device)
+def control_scores(
+    cfg, condition, out: Path, chunk: list[tuple[int, int]], device: torch.device, real: bool = False
+) -> dict:
+    """Controllability of images (index, group): the condition of the generated image vs the input control.
+    real=True scores the real eval images instead (the ceiling)."""
+    paths = [out / "real" / f"{i}.png" if real else image_path(out, g, i) for i, g in chunk]
+    generated = load_images(paths).to(device)
     if condition.metric == "f1":
         # Canny F1: binary edges of the generated image vs binary edges of the source image (same detector).
         label = condition.binary_edges(load_images([out / "real" / f"{i}.png" for i, _ in chunk]).to(device))
@@ -284,8 +314,11 @@ def reextracted_control(condition, image: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_images(cfg, wanted: set, out: Path, samples: list[dict], indices: list[int], device, show_progress) -> list:
-    """Per-image rows {index, group, <metric>: value} for this process's indices."""
+def score_images(
+    cfg, wanted: set, out: Path, samples: list[dict], indices: list[int], device, show_progress, real_rows=None
+) -> list:
+    """Per-image rows {index, group, <metric>: value} for this process's indices; with the control metric and a list
+    `real_rows`, appends {index, real_images_<metric>: value} rows of the real images (the ceiling) to it."""
     from tqdm.auto import tqdm
 
     items = [(i, g) for i in indices for g in range(cfg.eval.images_per_prompt)]
@@ -298,6 +331,14 @@ def score_images(cfg, wanted: set, out: Path, samples: list[dict], indices: list
             for name, values in control_scores(cfg, condition, out, chunk, device).items():
                 for item, value in zip(chunk, values.tolist()):
                     rows[item][name] = value
+        # The ceiling: the real images against their own controls. Not for canny (the label is the real image's own
+        # edges, F1 = 1) nor for controls this evaluator computed itself (a perfect score by construction).
+        if real_rows is not None and condition.metric != "f1" and cfg.eval.control_column is not None:
+            for chunk in batches([(i, 0) for i in indices], cfg.eval.batch_size):
+                for name, values in control_scores(cfg, condition, out, chunk, device, real=True).items():
+                    real_rows.extend(
+                        {"index": i, f"real_images_{name}": v} for (i, _), v in zip(chunk, values.tolist())
+                    )
         for i in [i for i in indices if i < GRID_ROWS]:
             control = reextracted_control(condition, load_images([image_path(out, 0, i)]).to(device))
             save_png(to_pil(control[0]), out / "reextracted" / f"{i}.png")
@@ -319,6 +360,9 @@ def score_images(cfg, wanted: set, out: Path, samples: list[dict], indices: list
 
 def fid_per_group(cfg, out: Path, device: torch.device, feature_extractor=None) -> list[float]:
     workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    if feature_extractor is None and cfg.eval.fid_features == "clip":
+        folder = resolve_model(cfg.eval.clip_model, what="CLIP model", config_key="eval.clip_model")
+        feature_extractor = metrics.clip_feature_extractor(folder, device)
     return [
         metrics.fid(
             out / "real",
@@ -443,20 +487,24 @@ def evaluate(cfg, controlnet: str, wanted: set, accelerator=None, fid_feature_ex
     # Per-image metrics, one at a time: every process scores its share, then the main process merges and writes.
     for metric in [m for m in ("control", "clip") if m in wanted]:
         try:
+            real_rows = []
             scored, error = (
-                score_images(cfg, {metric}, out, samples, mine, device, accelerator.is_local_main_process),
+                score_images(cfg, {metric}, out, samples, mine, device, accelerator.is_local_main_process, real_rows),
                 None,
             )
         except Exception as err:
             scored, error = [], failure_message(err)
-        gathered = gather_object([(scored, error)])
+        gathered = gather_object([(scored, error, real_rows)])
         if not accelerator.is_main_process:
             continue
-        error = next((e for _, e in gathered if e is not None), None)
+        error = next((e for _, e, _ in gathered if e is not None), None)
         if error is None:  # a metric that failed on any process is not averaged over the others' share
-            all_rows = merge_per_sample(out / "per_sample.csv", [r for rows, _ in gathered for r in rows], samples)
+            all_rows = merge_per_sample(out / "per_sample.csv", [r for rows, _, _ in gathered for r in rows], samples)
             write_per_sample(out / "per_sample.csv", all_rows)
             results.update(summarize(all_rows, cfg.eval.images_per_prompt))
+            real = [row for _, _, rows in gathered for row in rows]
+            for name in sorted({k for row in real for k in row} - {"index"}):
+                results[name] = sum(row[name] for row in real) / len(real)
         record(metric, error)
     if not accelerator.is_main_process:
         return None
@@ -464,7 +512,7 @@ def evaluate(cfg, controlnet: str, wanted: set, accelerator=None, fid_feature_ex
     if "fid" in wanted:
         try:
             scores, error = fid_per_group(cfg, out, device, fid_feature_extractor), None
-            results.update(fid=sum(scores) / len(scores), fid_per_group=scores)
+            results.update(fid=sum(scores) / len(scores), fid_per_group=scores, fid_features=cfg.eval.fid_features)
         except Exception as err:
             error = failure_message(err)
         record("fid", error)
@@ -529,7 +577,7 @@ def probe_readout(cfg, controlnet: str, probe_path: str, num_samples: int = 8, a
             readout = ProbeReadout(probe, features, batch_size=len(chunk))
             pipe(
                 prompt=[samples[i]["caption"] for i in chunk],
-                image=controls,
+                **control_input(pipe, controls),
                 negative_prompt=[e.negative_prompt] * len(chunk),
                 num_inference_steps=e.num_inference_steps,
                 guidance_scale=e.guidance_scale,
@@ -577,7 +625,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     # what to evaluate
     parser.add_argument("--config", required=True, help="experiment YAML (configs/depth.yaml, hed, lineart, tiny)")
     parser.add_argument(
-        "--controlnet", default=None, help="ControlNet to evaluate: hub id or local folder (default: model.controlnet)"
+        "--controlnet",
+        default=None,
+        help="ControlNet to evaluate: hub id or local folder (default: model.controlnet); 'none' evaluates the base "
+        "model alone on the same prompts, controls and seeds (the floor)",
     )
     # what to compute
     parser.add_argument(

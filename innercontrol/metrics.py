@@ -186,6 +186,28 @@ def frechet_distance(features_a, features_b, eps: float = 1e-6) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root))
 
 
+def clip_feature_extractor(folder: str, device: str | torch.device = "cpu") -> Callable:
+    """FID features from a CLIPModel's image embeddings: (B,3,299,299) in [0,255] (clean-fid's input) -> (B,D).
+
+    The images are resized to the model's input size and normalised with its processor's mean and std."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    model = CLIPModel.from_pretrained(folder).to(device).eval()
+    processor = CLIPImageProcessor.from_pretrained(folder)
+    size = model.config.vision_config.image_size
+    mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def features(batch: torch.Tensor) -> torch.Tensor:
+        pixels = torch.nn.functional.interpolate(
+            batch.to(device).float() / 255.0, size=(size, size), mode="bicubic", antialias=True, align_corners=False
+        )
+        return _embeddings(model.get_image_features(pixel_values=(pixels - mean) / std)).float()
+
+    return features
+
+
 def fid(
     real_dir: str | os.PathLike,
     fake_dir: str | os.PathLike,

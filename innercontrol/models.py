@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -99,12 +100,35 @@ def load_stable_diffusion(model_cfg) -> StableDiffusionParts:
     return StableDiffusionParts(tokenizer, text_encoder, vae, unet, scheduler, folder)
 
 
-def load_controlnet(model_cfg, unet) -> torch.nn.Module:
-    """The ControlNet to train: model.controlnet (hub id or folder), or initialised from the UNet when null."""
+# ControlNetModel's default conditioning embedding: its len - 1 stride-2 convolutions bring the control image to the
+# latent size of SD's f = 8 VAE.
+CONDITIONING_CHANNELS = (16, 32, 96, 256)
+
+
+def conditioning_channels(vae_scale_factor: int) -> tuple[int, ...]:
+    """Widths of a conditioning embedding that downsamples by `vae_scale_factor` (SD's default for 8)."""
+    downsamplings = int(math.log2(vae_scale_factor))
+    if 2**downsamplings != vae_scale_factor or not 1 <= downsamplings < len(CONDITIONING_CHANNELS):
+        raise ValueError(f"a ControlNet can be made for a VAE scale factor of 2, 4 or 8, not {vae_scale_factor}")
+    return CONDITIONING_CHANNELS[: downsamplings + 1]
+
+
+def vae_scale_factor(vae) -> int:
+    """Image pixels per latent pixel (8 for SD's VAE, 4 for the miniature's)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def load_controlnet(model_cfg, unet, vae=None) -> torch.nn.Module:
+    """The ControlNet to train: model.controlnet (hub id or folder), or initialised from the UNet when null.
+
+    From the UNet, the conditioning embedding downsamples the control image by the VAE's scale factor (SD's f = 8
+    layout unless `vae` says otherwise).
+    """
     from diffusers import ControlNetModel
 
     if model_cfg.controlnet is None:
-        return ControlNetModel.from_unet(unet)
+        factor = vae_scale_factor(vae) if vae is not None else 8
+        return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels(factor))
     return _from_pretrained(ControlNetModel, controlnet_folder(model_cfg.controlnet), "model.controlnet")
 
 

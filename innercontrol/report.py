@@ -6,6 +6,7 @@ Split from evaluate.py, which generates and scores; this module only writes what
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from pathlib import Path
@@ -147,8 +148,11 @@ def report_markdown(cfg, results: dict) -> str:
         f"seed {cfg.eval.seed}.",
         "",
     ]
+    fid_header = "FID (lower is better)"
+    if results.get("fid_features") == "clip":
+        fid_header = "FID on CLIP features, not Inception (lower is better)"
     columns = [
-        f"| method | {header.get(metric, metric)} | FID (lower is better) | CLIP score (higher is better) |",
+        f"| method | {header.get(metric, metric)} | {fid_header} | CLIP score (higher is better) |",
         "| --- | --- | --- | --- |",
     ]
     published = [
@@ -170,8 +174,23 @@ def report_markdown(cfg, results: dict) -> str:
         if published:
             lines += ["Published SD1.5 numbers, for reference only (not comparable with the row above):", ""]
             lines += [*columns, *published, ""]
+    elif is_miniature(cfg.model.pretrained_model):
+        lines += [
+            f"**The miniature** (`{cfg.model.pretrained_model}`, trained by `python -m innercontrol.pretrain_mini` on "
+            "the synthetic scenes): a testbed for the method; its numbers are not comparable with SD1.5's.",
+            "",
+            *columns,
+            f"| ours (miniature) {ours}",
+            "",
+        ]
     else:
         lines += [*columns, *published, f"| **ours** {ours}", ""]
+    if metric is not None and results.get(f"real_images_{metric}") is not None:
+        lines += [
+            f"Ceiling: the real eval images scored against their own controls by the same evaluator: "
+            f"{metric} {fmt(results[f'real_images_{metric}'], digits)}.",
+            "",
+        ]
     if not published_rows(condition, guidance):
         lines.append(f"No published numbers for {condition} at guidance {guidance:g} (DESIGN section 6).")
     if metric == "ms_ssim":
@@ -199,6 +218,19 @@ def report_markdown(cfg, results: dict) -> str:
         for key in per_group:
             lines.append(f"| {key[: -len('_per_group')]} | " + " | ".join(fmt(v, 4) for v in results[key]) + " |")
     return "\n".join(lines) + "\n"
+
+
+MINI_REPORT = "report.json"  # written by innercontrol.pretrain_mini next to the pipeline it trained
+
+
+def is_miniature(model_path) -> bool:
+    """True for a folder written by innercontrol.pretrain_mini (its quality report names the preset)."""
+    if model_path is None or not (Path(model_path) / MINI_REPORT).is_file():
+        return False
+    try:
+        return "preset" in json.loads((Path(model_path) / MINI_REPORT).read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def comparability_notes(condition: str, results: dict) -> list[str]:

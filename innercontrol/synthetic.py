@@ -173,13 +173,20 @@ def write_synthetic(
     val_fraction: float = 0.1,
     rows_per_file: int = 1000,
     progress: bool = False,
+    supersample: int = 1,
 ) -> Path:
-    """Write `num` scenes (the last round(num * val_fraction) form the validation split) to `out`; returns `out`."""
+    """Write `num` scenes (the last round(num * val_fraction) form the validation split) to `out`; returns `out`.
+
+    supersample: render_scene's antialiasing factor (the miniature was trained on supersample=2 scenes).
+    """
     import datasets
     from tqdm.auto import tqdm
 
-    if num < 1 or resolution < 8:
-        raise ValueError(f"need num >= 1 and resolution >= 8, got num={num}, resolution={resolution}")
+    if num < 1 or resolution < 8 or supersample < 1:
+        raise ValueError(
+            f"need num >= 1, resolution >= 8 and supersample >= 1, got num={num}, resolution={resolution}, "
+            f"supersample={supersample}"
+        )
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     num_val = int(round(num * val_fraction))
@@ -199,7 +206,7 @@ def write_synthetic(
             for file_index in range(num_files):
                 rows = {"image": [], DEPTH_COLUMN: [], "text": []}
                 for index in indices[file_index * rows_per_file : (file_index + 1) * rows_per_file]:
-                    image, depth, caption = render_scene(index, resolution, seed)
+                    image, depth, caption = render_scene(index, resolution, seed, supersample)
                     rows["image"].append({"bytes": _png(image), "path": None})
                     rows[DEPTH_COLUMN].append({"bytes": _png(np.round(depth * 255).astype(np.uint8)), "path": None})
                     rows["text"].append(caption)
@@ -211,7 +218,8 @@ def write_synthetic(
         if bars_were_on:
             datasets.enable_progress_bars()
     (out / "README.md").write_text(
-        f"Synthetic depth set written by `python -m innercontrol.synthetic` (seed {seed}, {resolution} px): "
+        f"Synthetic depth set written by `python -m innercontrol.synthetic` (seed {seed}, {resolution} px, "
+        f"supersample {supersample}): "
         f"{num - num_val} train and {num_val} validation rows; columns image, {DEPTH_COLUMN} (near = 255), text.\n"
     )
     return out
@@ -225,9 +233,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of scenes in validation (default 0.1)")
     parser.add_argument("--rows-per-file", type=int, default=1000, help="rows per parquet shard (default 1000)")
+    parser.add_argument(
+        "--supersample", type=int, default=1, help="render at k x the resolution and average k x k blocks (default 1)"
+    )
     args = parser.parse_args(argv)
+    if args.num < 1 or args.resolution < 8 or args.supersample < 1 or not 0.0 <= args.val_fraction < 1.0:
+        parser.error("need --num >= 1, --resolution >= 8, --supersample >= 1 and 0 <= --val-fraction < 1")
     out = write_synthetic(
-        args.out, args.num, args.resolution, args.seed, args.val_fraction, args.rows_per_file, progress=True
+        args.out,
+        args.num,
+        args.resolution,
+        args.seed,
+        args.val_fraction,
+        args.rows_per_file,
+        progress=True,
+        supersample=args.supersample,
     )
     print(f"synthetic set written to {out} (use data.dataset={out} with data.split=train or validation)")
 

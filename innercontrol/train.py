@@ -298,7 +298,7 @@ def train(cfg) -> Path:
     needs_condition = weights.reward_weight > 0 or weights.alignment_weight > 0 or cfg.data.control_column is None
 
     sd = load_stable_diffusion(cfg.model)
-    controlnet = load_controlnet(cfg.model, sd.unet)
+    controlnet = load_controlnet(cfg.model, sd.unet, sd.vae)
     controlnet.train()
     if cfg.model.gradient_checkpointing:
         sd.unet.enable_gradient_checkpointing()

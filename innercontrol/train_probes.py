@@ -253,7 +253,9 @@ def train_probe(cfg) -> Path:
     dtype = precision_dtype(cfg.optim.mixed_precision)
 
     sd = load_stable_diffusion(cfg.model)
-    controlnet = load_controlnet(cfg.model, sd.unet).requires_grad_(False).eval() if cfg.probe.use_controlnet else None
+    controlnet = (
+        load_controlnet(cfg.model, sd.unet, sd.vae).requires_grad_(False).eval() if cfg.probe.use_controlnet else None
+    )
     for module in (sd.unet, sd.vae, sd.text_encoder, controlnet):
         if module is not None:
             module.to(device, dtype=dtype)

@@ -469,3 +469,97 @@ def test_a_failing_metric_keeps_the_others_and_fails_the_exit_code(tiny_dir, eva
     fixed = ev.evaluate(cfg, str(tiny_dir / "controlnet"), {"fid"}, accelerator, colour_statistics)
     assert fixed["fid"] > 0 and "errors" not in fixed and fixed["rmse"] == pytest.approx(saved["rmse"])
     assert "errors" not in json.loads((out / "metrics.json").read_text())
+
+
+def test_floor_without_controlnet_and_the_real_image_ceiling(tiny_dir, eval_set, tmp_path, data_front_end):
+    """Issue 14: --controlnet none generates with the base alone (same prompts, seeds); the control metric also scores
+    the real images against their own controls (the ceiling), checked against an independent computation."""
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
+
+    from innercontrol import metrics
+    from innercontrol.conditions import get_condition
+
+    out, accelerator = tmp_path / "floor", Accelerator(cpu=True)
+    cfg = small_config(tiny_dir, eval_set, out)
+    results = ev.evaluate(cfg, "none", {"control"}, accelerator)
+    settings = json.loads((out / "generation.json").read_text())
+    assert settings["controlnet"] == "none" and settings["controlnet_sha256"] == "none"
+
+    # The floor's image 0 is the base pipeline's image for the same prompt and seed (no control input at all).
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    samples = json.loads((out / "eval_set.json").read_text())["samples"]
+    e = cfg.eval
+    expected = pipe(
+        prompt=[samples[0]["caption"]] * e.batch_size,
+        negative_prompt=[e.negative_prompt] * e.batch_size,
+        num_inference_steps=e.num_inference_steps,
+        guidance_scale=e.guidance_scale,
+        height=e.resolution,
+        width=e.resolution,
+        generator=[torch.Generator().manual_seed(ev.image_seed(e.seed, 0, 0)) for _ in range(e.batch_size)],
+        output_type="np",
+    ).images[0]
+    floor_image = np.asarray(Image.open(out / "images" / "group_0" / "0.png"), dtype=np.float64) / 255
+    assert np.abs(floor_image - expected).max() <= 1 / 255 + 1e-6
+
+    # Ceiling: the depth model on the real eval images against the exported controls, computed here directly.
+    depth = get_condition("depth", str(tiny_dir / "dpt"), purpose="eval")
+    real = ev.load_images([out / "real" / f"{i}.png" for i in range(2)])
+    controls = ev.load_images([out / "controls" / f"{i}.png" for i in range(2)])
+    independent = metrics.depth_rmse(depth.predict_depth(real), controls).mean().item()
+    assert results["real_images_rmse"] == pytest.approx(independent, rel=1e-5)
+    assert results["real_images_rmse"] != pytest.approx(results["rmse"])  # the generated images score otherwise
+    assert (
+        "Ceiling: the real eval images scored against their own controls by the same evaluator: rmse "
+        in (out / "report.md").read_text()
+    )
+
+
+def test_fid_on_clip_features_matches_the_clip_image_embeddings(tiny_dir, tmp_path):
+    """eval.fid_features=clip: FID on eval.clip_model's image embeddings, against features computed independently."""
+    from scipy import linalg
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    from innercontrol import metrics
+
+    rng = np.random.default_rng(3)
+    folders = {}
+    for name, shift in (("real", 0), ("fake", 60)):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        for k in range(40):  # more images than feature dimensions: full-rank covariances
+            array = rng.integers(0, 196, (32, 32, 3)).astype(np.uint8) + shift
+            Image.fromarray(array).save(folders[name] / f"{k}.png")
+    extractor = metrics.clip_feature_extractor(str(tiny_dir / "clip"))
+    value = metrics.fid(folders["real"], folders["fake"], feature_extractor=extractor)
+
+    model = CLIPModel.from_pretrained(tiny_dir / "clip").eval()
+    processor = CLIPImageProcessor.from_pretrained(tiny_dir / "clip")
+    size = model.config.vision_config.image_size
+
+    from cleanfid.resize import build_resizer
+
+    resize = build_resizer("clean")  # clean-fid's own 299 px input, then CLIP's size and normalisation by hand
+
+    def features(folder):
+        images = []
+        for path in sorted(folder.glob("*.png")):
+            big = np.asarray(resize(np.asarray(Image.open(path).convert("RGB"))), dtype=np.float32)
+            images.append(torch.from_numpy(big).permute(2, 0, 1))
+        pixels = torch.nn.functional.interpolate(
+            torch.stack(images) / 255, size=(size, size), mode="bicubic", antialias=True, align_corners=False
+        )
+        mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+        with torch.no_grad():
+            output = model.get_image_features(pixel_values=(pixels - mean) / std)
+        return (output if isinstance(output, torch.Tensor) else output.pooler_output).double().numpy()
+
+    a, b = features(folders["real"]), features(folders["fake"])
+    mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    independent = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+    assert value == pytest.approx(independent, rel=0.02, abs=1e-3)
+    assert value > 0.01

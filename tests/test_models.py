@@ -56,3 +56,26 @@ def test_damaged_weights_name_the_part(tmp_path, tiny_dir):
     (sd / "vae" / "config.json").write_text("{not json")
     with pytest.raises(ModelFolderError, match=r"cannot load AutoencoderKL from '.*sd/vae' \(model.pretrained_model\)"):
         load_stable_diffusion(model_config(sd))
+
+
+def test_controlnet_from_the_unet_downsamples_the_control_by_the_vae_factor(tiny_dir):
+    """A ControlNet initialised from the UNet brings the control image to the latent size of the VAE in use: SD's
+    f = 8 layout by default, f = 4 for the miniature's 3-level VAE."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from innercontrol.models import conditioning_channels, vae_scale_factor
+
+    assert conditioning_channels(8) == (16, 32, 96, 256) and conditioning_channels(4) == (16, 32, 96)
+    with pytest.raises(ValueError, match="scale factor of 2, 4 or 8, not 6"):
+        conditioning_channels(6)
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir / "unet")
+    sd_vae = AutoencoderKL.from_pretrained(tiny_dir / "vae")
+    f4_vae = AutoencoderKL(block_out_channels=(8, 8, 8), norm_num_groups=4, latent_channels=4,
+                           down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)  # fmt: skip
+    assert vae_scale_factor(sd_vae) == 8 and vae_scale_factor(f4_vae) == 4
+    cfg = model_config(tiny_dir)
+    for vae, side in ((None, 64), (sd_vae, 64), (f4_vae, 32)):
+        controlnet = load_controlnet(cfg, unet, vae)
+        embedded = controlnet.controlnet_cond_embedding(torch.rand(1, 3, side, side))
+        assert embedded.shape[-2:] == (side // (4 if vae is f4_vae else 8),) * 2
