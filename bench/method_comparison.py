@@ -1,0 +1,442 @@
+"""Method comparison on the miniature (issue 15): plain ControlNet vs ControlNet++ vs alignment only vs InnerControl.
+
+    python bench/method_comparison.py                                  # every arm, 3 seeds, CPU sizes (~2 h, 2 cores)
+    python bench/method_comparison.py --arms innercontrol --seeds 0    # one arm, one seed
+    python bench/method_comparison.py --preset gpu                     # more steps and seeds, for a GPU
+    python bench/method_comparison.py --report-only                    # rewrite METHODS.md and plots from disk
+
+Every arm trains a ControlNet with the real entry point (python -m innercontrol.train, configs/mini.yaml) from the
+same initialisation (ControlNetModel.from_unet of the mini UNet), with the same seed, hence the same data order,
+latent samples, timesteps and noise: only the objective differs (loss weights below; the probe and the condition
+model are frozen and deterministic, so they draw no random numbers). Training runs in segments of --eval-every
+steps (logging.resume=latest continues the same run; the learning-rate schedule is forced to constant_with_warmup,
+whose value does not depend on optim.max_steps, so segments add up to one run); after each segment the ControlNet is evaluated with
+python -m innercontrol.evaluate on the same held-out scenes, prompts and seeds (depth RMSE with the mini depth model,
+CLIP score with the mini CLIP, FID on mini-CLIP features). The floor (the base with no ControlNet) is evaluated once;
+the probe readout (the probe's error against the input control at each sampling step) runs on each arm's final
+ControlNet and on the base alone.
+
+Resumable: rerunning the command skips every finished segment and evaluation (an interrupted training segment
+resumes from its last checkpoint). Outputs: --work (default outputs/method_comparison) holds the runs;
+--out (default bench/) receives METHODS.md, method_curves.png and method_readout.png, made from what is on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from innercontrol.demo import CONFIGS, MINIATURE, SCENES, check_miniature, path_overrides, run, shown  # noqa: E402
+
+# (reward_weight, alignment_weight): only the objective differs between arms.
+ARMS = {
+    "plain": (0.0, 0.0),  # (a) diffusion loss only: ControlNet
+    "reward": (0.5, 0.0),  # (b) + cycle-consistency reward in its window: ControlNet++
+    "alignment": (0.0, 1.0),  # (c) + alignment loss over [0, 920] only
+    "innercontrol": (0.5, 1.0),  # (d) + both: InnerControl
+}
+LABELS = {"plain": "(a) plain", "reward": "(b) + reward", "alignment": "(c) + alignment", "innercontrol": "(d) both"}
+PRESETS = {
+    # CPU sizes: 4 arms x 3 seeds x (300 steps + 4 evaluations of 48 prompts) in about 2 hours on 2 cores.
+    "cpu": dict(steps=300, eval_every=75, seeds=(0, 1, 2), eval_samples=48, readout_samples=8, num_images=640),
+    "gpu": dict(
+        steps=2000, eval_every=250, seeds=(0, 1, 2, 3, 4), eval_samples=256, readout_samples=32, num_images=4000
+    ),  # fmt: skip
+    # The machinery only (tests): a couple of steps on whatever model the config names.
+    "smoke": dict(steps=2, eval_every=1, seeds=(0,), eval_samples=2, readout_samples=2, num_images=24, probe_steps=4),
+}
+METRICS = (("rmse", "depth RMSE", -1), ("clip_score", "CLIP score", 1), ("fid", "FID (mini-CLIP features)", -1))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="sizes (default cpu)")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS)} (default all)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the preset's)")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: preset's)")
+    parser.add_argument("--model", default="mini", choices=sorted(CONFIGS), help="mini (default) or tiny (tests)")
+    parser.add_argument("--miniature", default=str(MINIATURE), help="the miniature's folder (default checkpoints/mini)")
+    parser.add_argument("--work", default="outputs/method_comparison", help="runs and evaluations (resumable)")
+    parser.add_argument("--out", default=str(ROOT / "bench"), help="where METHODS.md and the plots go")
+    parser.add_argument(
+        "--probe",
+        default=None,
+        help="an existing probe folder for the alignment arms and readouts (default: pretrain one)",
+    )
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from what is on disk")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    args.arm_names = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in args.arm_names if a not in ARMS]
+    if unknown or not args.arm_names:
+        parser.error(f"unknown arm(s) {unknown}: choose from {', '.join(ARMS)}")
+    try:
+        args.seed_list = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset["seeds"])
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got '{args.seeds}'")
+    args.steps = args.steps or preset["steps"]
+    args.eval_every = args.eval_every or preset["eval_every"]
+    if args.steps < 1 or args.eval_every < 1:
+        parser.error("--steps and --eval-every must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running: shared data and probe, then each (arm, seed) in evaluated segments.
+
+
+def eval_points(steps: int, every: int) -> list[int]:
+    return sorted({*range(every, steps + 1, every), steps})
+
+
+def metrics_done(folder: Path, wanted: list[str]) -> bool:
+    path = folder / "metrics.json"
+    return path.is_file() and all(k in json.loads(path.read_text()) for k in wanted)
+
+
+def trained_steps(run_dir: Path) -> int:
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text())["steps"] if path.is_file() else 0
+
+
+def run_all(args) -> None:
+    preset = PRESETS[args.preset]
+    work = shown(Path(args.work))
+    work.mkdir(parents=True, exist_ok=True)
+    miniature = shown(Path(args.miniature))
+    if args.model == "mini":
+        check_miniature(miniature)
+    else:
+        if not (work / "tiny" / "model_index.json").is_file():
+            run("tiny pipeline", ["innercontrol.tiny", "--out", str(work / "tiny")])
+    common = ["--config", str(shown(CONFIGS[args.model])), *path_overrides(work, args.model, miniature)]
+    probe = Path(args.probe) if args.probe else work / "probe"
+    common += [f"eval.max_samples={preset['eval_samples']}", f"probe.path={probe}"]
+    scenes = SCENES[args.model]
+    if not (work / "synthetic" / "README.md").is_file():
+        run("synthetic data", ["innercontrol.synthetic", "--out", str(work / "synthetic"),
+                               "--num", str(preset["num_images"]), "--resolution", str(scenes["resolution"]),
+                               "--supersample", str(scenes["supersample"]), "--seed", str(scenes["seed"])])  # fmt: skip
+    if not (probe / "probe_config.json").is_file():
+        run("probe pretraining (shared by the alignment arms)",
+            ["innercontrol.train_probes", *common, f"probe.output_dir={work / 'probe_run'}", "logging.overwrite=true",
+             "logging.checkpoint_every=100000",
+             *([f"probe.max_steps={preset['probe_steps']}"] if preset.get("probe_steps") else [])])  # fmt: skip
+    wanted = ["rmse", "clip_score", "fid"] if args.model == "mini" else ["rmse", "clip_score"]
+    metric_arg = ",".join({"rmse": "control", "clip_score": "clip", "fid": "fid"}[m] for m in wanted)
+    floor = work / "floor"
+    if not metrics_done(floor, wanted):
+        run("floor: the base alone", ["innercontrol.evaluate", *common, f"eval.output_dir={floor}",
+                                      "--controlnet", "none", "--metrics", metric_arg])  # fmt: skip
+    if not (work / "floor_readout" / "probe_readout.csv").is_file():
+        run("probe readout of the base alone",
+            ["innercontrol.evaluate", *common, f"eval.output_dir={work / 'floor_readout'}", "--controlnet", "none",
+             "--probe", str(probe), "--probe-samples", str(preset["readout_samples"])])  # fmt: skip
+
+    points = eval_points(args.steps, args.eval_every)
+    for seed in args.seed_list:
+        for arm in args.arm_names:
+            reward, alignment = ARMS[arm]
+            run_dir = work / "runs" / f"{arm}_seed{seed}"
+            train_args = [*common, f"seed={seed}", f"loss.reward_weight={reward}", f"loss.alignment_weight={alignment}",
+                          f"logging.output_dir={run_dir}", "logging.resume=latest", "logging.validation_every=0",
+                          f"logging.checkpoint_every={args.eval_every}", "logging.checkpoint_total_limit=1",
+                          "logging.report_to=none", "optim.lr_schedule=constant_with_warmup"]  # fmt: skip
+            for step in points:
+                eval_dir = run_dir / "eval" / f"step-{step:06d}"
+                if metrics_done(eval_dir, wanted):
+                    continue
+                if trained_steps(run_dir) < step:
+                    run(f"{arm}, seed {seed}: train to step {step}",
+                        ["innercontrol.train", *train_args, f"optim.max_steps={step}"])  # fmt: skip
+                if trained_steps(run_dir) != step:
+                    raise SystemExit(
+                        f"error: {run_dir} is at step {trained_steps(run_dir)}, past the evaluation at step {step} "
+                        f"(its ControlNet is gone); delete {run_dir} to rerun that arm"
+                    )
+                run(f"{arm}, seed {seed}: evaluate step {step}",
+                    ["innercontrol.evaluate", *common, f"eval.output_dir={eval_dir}",
+                     "--controlnet", str(run_dir / "controlnet"), "--metrics", metric_arg])  # fmt: skip
+            readout = run_dir / "readout"
+            made_at = readout / "made_at_step.json"  # a readout of an earlier, shorter run is redone
+            if (
+                not (readout / "probe_readout.csv").is_file()
+                or not made_at.is_file()
+                or json.loads(made_at.read_text()) != trained_steps(run_dir)
+            ):
+                shutil.rmtree(readout, ignore_errors=True)
+                run(f"{arm}, seed {seed}: probe readout",
+                    ["innercontrol.evaluate", *common, f"eval.output_dir={readout}",
+                     "--controlnet", str(run_dir / "controlnet"), "--probe", str(probe),
+                     "--probe-samples", str(preset["readout_samples"])])  # fmt: skip
+                made_at.write_text(json.dumps(trained_steps(run_dir)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report: what is on disk, whatever ran.
+
+
+def per_sample(folder: Path, metric: str) -> dict[int, float]:
+    """Mean over the images of each prompt index of one per-sample metric."""
+    values: dict[int, list[float]] = {}
+    with (folder / "per_sample.csv").open() as f:
+        for row in csv.DictReader(f):
+            if row.get(metric) not in (None, ""):
+                values.setdefault(int(row["index"]), []).append(float(row[metric]))
+    return {i: sum(v) / len(v) for i, v in values.items()}
+
+
+def paired_interval(differences: list[float]) -> tuple[float, float]:
+    """Mean of paired differences and the half-width of its 95% t interval."""
+    from scipy import stats
+
+    n = len(differences)
+    mean = sum(differences) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
+    return mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+
+
+def collect(work: Path) -> dict:
+    """{arm: {seed: {step: metrics}}} of every finished evaluation (control and CLIP score present) under work/runs."""
+    found: dict = {}
+    for eval_dir in sorted((work / "runs").glob("*_seed*/eval/step-*")):
+        if not metrics_done(eval_dir, ["rmse", "clip_score"]) or not (eval_dir / "per_sample.csv").is_file():
+            continue
+        arm, seed = eval_dir.parents[1].name.rsplit("_seed", 1)
+        step = int(eval_dir.name.split("-")[1])
+        found.setdefault(arm, {}).setdefault(int(seed), {})[step] = json.loads((eval_dir / "metrics.json").read_text())
+    return found
+
+
+def final_step(runs: dict) -> int | None:
+    """The last step evaluated in every (arm, seed): the comparison's common endpoint."""
+    step_sets = [set(steps) for seeds in runs.values() for steps in seeds.values()]
+    common = set.intersection(*step_sets) if step_sets else set()
+    return max(common) if common else None
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    return f"{mean:.2f} +- {sd:.2f}" if not math.isnan(sd) else f"{mean:.2f}"
+
+
+def write_report(args, seconds: float | None = None) -> str:
+    work = Path(args.work)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = collect(work)
+    end = final_step(runs)
+    floor = (
+        json.loads((work / "floor" / "metrics.json").read_text()) if (work / "floor" / "metrics.json").is_file() else {}
+    )
+    arms = [a for a in ARMS if a in runs]
+    command = "python bench/method_comparison.py " + " ".join(a for a in (args.argv or []))
+    lines = [
+        "# Method comparison on the miniature",
+        "",
+        f"Made by `{command.strip()}` on {platform.machine()} ({os.cpu_count()} CPUs, {platform.system()}), "
+        f"{time.strftime('%Y-%m-%d')}" + (f", {seconds / 60:.0f} min this run" if seconds else "") + ".",
+        f"Model `{shown(Path(args.miniature)) if args.model == 'mini' else 'tiny random weights'}`; every arm starts "
+        "from the same ControlNet (from the UNet) with the same seed, data order, timesteps and noise; only the "
+        "objective differs. Evaluation: the same held-out scenes, prompts and seeds for every arm.",
+        "",
+    ]
+    if not arms or end is None:
+        lines.append("No finished evaluation yet.")
+        text = "\n".join(lines) + "\n"
+        (out / "METHODS.md").write_text(text)
+        return text
+    seeds = sorted({s for a in arms for s in runs[a]})
+    lines += [
+        f"Final step {end}; seeds {', '.join(map(str, seeds))}; mean +- std over seeds.",
+        "",
+        "| arm | " + " | ".join(label for _, label, _ in METRICS) + " |",
+        "| --- |" + " ---: |" * len(METRICS),
+        "| floor: base, no ControlNet | "
+        + " | ".join("-" if floor.get(k) is None else f"{floor[k]:.2f}" for k, _, _ in METRICS)
+        + " |",  # fmt: skip
+    ]
+    for arm in arms:
+        cells = [mean_std([runs[arm][s][end][k] for s in runs[arm] if end in runs[arm][s] and k in runs[arm][s][end]])
+                 for k, _, _ in METRICS]  # fmt: skip
+        lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
+    if floor.get("real_images_rmse") is not None:
+        lines.append(f"| ceiling: real scenes | {floor['real_images_rmse']:.2f} | - | - |")
+    lines += ["", "Paired per-prompt differences of depth RMSE at the final step (arm minus reference; per prompt, "
+              "averaged over seeds; 95% t interval over prompts). An interval that contains 0 is a tie.", "",
+              "| arm | vs | mean difference | 95% interval | verdict |", "| --- | --- | ---: | --- | --- |"]  # fmt: skip
+    verdicts = []
+    for ref in ("plain", "reward"):
+        if ref not in arms:
+            continue
+        for arm in [a for a in arms if a != ref]:
+            diffs = []
+            common_seeds = [s for s in runs[arm] if s in runs[ref]]
+            per_prompt: dict[int, list[float]] = {}
+            for s in common_seeds:
+                a = per_sample(work / "runs" / f"{arm}_seed{s}" / "eval" / f"step-{end:06d}", "rmse")
+                b = per_sample(work / "runs" / f"{ref}_seed{s}" / "eval" / f"step-{end:06d}", "rmse")
+                for i in a.keys() & b.keys():
+                    per_prompt.setdefault(i, []).append(a[i] - b[i])
+            diffs = [sum(v) / len(v) for v in per_prompt.values()]
+            if not diffs:
+                continue
+            mean, half = paired_interval(diffs)
+            if math.isnan(half):
+                verdict = "one prompt: no interval"
+            elif mean - half > 0:
+                verdict = f"{LABELS[arm]} worse"
+            elif mean + half < 0:
+                verdict = f"{LABELS[arm]} better"
+            else:
+                verdict = "tie"
+            verdicts.append((arm, ref, verdict))
+            lines.append(f"| {LABELS[arm]} | {LABELS[ref]} | {mean:+.2f} | [{mean - half:+.2f}, {mean + half:+.2f}] | "
+                         f"{verdict} |")  # fmt: skip
+    lines += ["", "## What the numbers support", ""]
+    lines += interpretation(runs, arms, end, floor, verdicts, len(seeds))
+    curves, readout = plot_curves(runs, arms, floor, out), plot_readout(work, arms, out)
+    lines += ["", f"Controllability vs training step: `{curves.name}`; probe readout across sampling steps: "
+              f"`{readout.name if readout else '-'}`.", ""]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    (out / "METHODS.md").write_text(text)
+    return text
+
+
+def interpretation(runs, arms, end, floor, verdicts, num_seeds) -> list[str]:
+    lines = []
+    if floor.get("rmse") is not None:
+        for arm in arms:
+            values = [runs[arm][s][end]["rmse"] for s in runs[arm] if end in runs[arm][s]]
+            worst = max(values)
+            state = "below" if worst < floor["rmse"] else "NOT below"
+            lines.append(f"- {LABELS[arm]}: every seed's depth RMSE ({', '.join(f'{v:.2f}' for v in values)}) is "
+                         f"{state} the floor ({floor['rmse']:.2f}).")  # fmt: skip
+    better = [f"{LABELS[a]} over {LABELS[r]}" for a, r, v in verdicts if v.endswith("better")]
+    worse = [f"{LABELS[a]} against {LABELS[r]}" for a, r, v in verdicts if v.endswith("worse")]
+    ties = [f"{LABELS[a]} vs {LABELS[r]}" for a, r, v in verdicts if v == "tie"]
+    if better:
+        lines.append("- Better in depth RMSE, outside the interval: " + "; ".join(better) + ".")
+    if worse:
+        lines.append("- Worse in depth RMSE, outside the interval: " + "; ".join(worse) + ".")
+    if ties:
+        lines.append("- Ties (the interval contains 0): " + "; ".join(ties) + ".")
+    lines.append(
+        f"- {num_seeds} seed(s), one miniature, one condition (depth), one training length: the paired intervals "
+        "cover prompt-to-prompt variation at this endpoint, not the variation across seeds or longer training; "
+        "nothing here is a statement about SD1.5."
+    )
+    return lines
+
+
+def plot_curves(runs, arms, floor, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (key, label, _) in zip(axes, METRICS[:2]):
+        for arm in arms:
+            steps = sorted({step for s in runs[arm] for step in runs[arm][s]})
+            means, sds = [], []
+            for step in steps:
+                values = [
+                    runs[arm][s][step][key] for s in runs[arm] if step in runs[arm][s] and key in runs[arm][s][step]
+                ]
+                mean = sum(values) / len(values)
+                means.append(mean)
+                sds.append(math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)))
+            ax.plot(steps, means, marker="o", label=LABELS[arm])
+            ax.fill_between(steps, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)], alpha=0.15)
+        if floor.get(key) is not None:
+            ax.axhline(floor[key], color="gray", linestyle="--", label="floor (no ControlNet)")
+        if key == "rmse" and floor.get("real_images_rmse") is not None:
+            ax.axhline(floor["real_images_rmse"], color="black", linestyle=":", label="ceiling (real scenes)")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    axes[0].set_title("controllability (mean +- std over seeds)")
+    axes[1].set_title("text alignment")
+    fig.tight_layout()
+    path = out / "method_curves.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def read_readout(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_readout(work: Path, arms, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    base = work / "floor_readout" / "probe_readout.csv"
+    if base.is_file():
+        curves["base alone"] = [read_readout(base)]
+    for arm in arms:
+        files = sorted((work / "runs").glob(f"{arm}_seed*/readout/probe_readout.csv"))
+        if files:
+            curves[LABELS[arm]] = [read_readout(f) for f in files]
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    mean_map = None
+    for name, tables in curves.items():
+        steps = [row["timestep"] for row in tables[0]]
+        values = [sum(t[k]["probe_mse"] for t in tables) / len(tables) for k in range(len(steps))]
+        ax.plot(steps, values, marker="o", label=name, linestyle="--" if name == "base alone" else "-")
+        mean_map = tables[0][0]["mean_map_mse"]
+    if mean_map is not None:
+        ax.axhline(mean_map, color="gray", linestyle=":", label="mean control map")
+    ax.invert_xaxis()
+    ax.set_xlabel("sampling timestep t (sampling order: left to right)")
+    ax.set_ylabel("probe MSE against the input control")
+    ax.set_title("when structure appears (mean over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "method_readout.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    start = time.time()
+    if not args.report_only:
+        run_all(args)
+    text = write_report(args, None if args.report_only else time.time() - start)
+    print(text)
+    print(f"written: {Path(args.out) / 'METHODS.md'}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from innercontrol.cli import run_cli
+
+    run_cli(main)
