@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine (Python >= 3.10, no model hub needed):
-#   make demo   tiny pipeline -> synthetic data -> probe -> aligned training -> evaluation, offline on the CPU
+#   make demo   the committed miniature (checkpoints/mini): synthetic data -> probe -> aligned training ->
+#               evaluation beside the floor (no ControlNet), offline on the CPU
 #   make test   lint, format check and the test suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python

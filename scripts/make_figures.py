@@ -1,8 +1,9 @@
-"""Regenerate images/: the method diagram (drawn with matplotlib) and the tiny default's example outputs.
+"""Regenerate images/: the method diagram (drawn with matplotlib) and the demo's example outputs.
 
 make demo && python scripts/make_figures.py          # (make figures)
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -75,17 +76,26 @@ def method_diagram(path: Path) -> None:
     plt.close(fig)
 
 
+def demo_copies(demo: Path) -> dict:
+    """Demo outputs -> names in images/: the miniature's by default, the tiny random models' with --model tiny."""
+    model = json.loads((demo / "demo.json").read_text())["model"] if (demo / "demo.json").is_file() else "tiny"
+    copies = {
+        demo / "probe" / "probe_accuracy.png": f"probe_accuracy_{model}.png",
+        demo / "probe" / "probe_accuracy.md": f"probe_accuracy_{model}.md",
+        demo / "eval" / "grid.png": f"example_grid_{model}.png",
+        demo / "eval" / "probe_readout.png": f"probe_readout_{model}.png",
+    }
+    if model == "mini":
+        copies[demo / "summary.md"] = "demo_summary_mini.md"
+        copies[demo / "summary_grid.png"] = "demo_grid_mini.png"
+        copies[demo / "eval" / "probe_readout.md"] = "probe_readout_mini.md"
+    return copies
+
+
 def main() -> None:
     IMAGES.mkdir(exist_ok=True)
     method_diagram(IMAGES / "method.png")
-    demo = ROOT / "outputs" / "demo"
-    copies = {
-        demo / "probe" / "probe_accuracy.png": "probe_accuracy_tiny.png",
-        demo / "probe" / "probe_accuracy.md": "probe_accuracy_tiny.md",
-        demo / "eval" / "grid.png": "example_grid_tiny.png",
-        demo / "eval" / "probe_readout.png": "probe_readout_tiny.png",
-    }
-    for source, name in copies.items():
+    for source, name in demo_copies(ROOT / "outputs" / "demo").items():
         if source.exists():
             shutil.copy(source, IMAGES / name)
         else:

@@ -50,7 +50,10 @@ if TINY:
     tiny = write_tiny("outputs/notebook_tiny")
     BASE_MODEL, CONTROLNET = str(tiny), str(tiny / "controlnet")
     CONDITION, CONDITION_MODEL = "depth", str(tiny / "dpt")
-    PROBE = "outputs/demo/probe" if os.path.isdir("outputs/demo/probe") else None  # made by `make demo`
+    # The probe of `python -m innercontrol.demo --model tiny` (make demo's own probe is the miniature's).
+    DEMO = "outputs/demo/demo.json"
+    TINY_DEMO = os.path.isfile(DEMO) and '"tiny"' in open(DEMO).read()
+    PROBE = "outputs/demo/probe" if TINY_DEMO and os.path.isdir("outputs/demo/probe") else None
     RESOLUTION, STEPS, DEVICE, DTYPE = 128, 8, "cpu", torch.float32
 else:
     BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
