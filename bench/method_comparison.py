@@ -198,16 +198,21 @@ def per_sample(folder: Path, metric: str) -> dict[int, float]:
     return {i: sum(v) / len(v) for i, v in values.items()}
 
 
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; NaN for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return mean, sd
+
+
 def paired_interval(differences: list[float]) -> tuple[float, float]:
     """Mean of paired differences and the half-width of its 95% t interval."""
     from scipy import stats
 
     n = len(differences)
-    mean = sum(differences) / n
-    if n < 2:
-        return mean, float("nan")
-    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
-    return mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    mean, sd = mean_sd(differences)
+    return mean, (stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else float("nan"))
 
 
 def collect(work: Path) -> dict:
@@ -232,8 +237,7 @@ def final_step(runs: dict) -> int | None:
 def mean_std(values: list[float]) -> str:
     if not values:
         return "-"
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    mean, sd = mean_sd(values)
     return f"{mean:.2f} +- {sd:.2f}" if not math.isnan(sd) else f"{mean:.2f}"
 
 
@@ -247,11 +251,11 @@ def write_report(args, seconds: float | None = None) -> str:
         json.loads((work / "floor" / "metrics.json").read_text()) if (work / "floor" / "metrics.json").is_file() else {}
     )
     arms = [a for a in ARMS if a in runs]
-    command = "python bench/method_comparison.py " + " ".join(a for a in (args.argv or []))
+    command = " ".join(["python bench/method_comparison.py", *(args.argv or [])])
     lines = [
         "# Method comparison on the miniature",
         "",
-        f"Made by `{command.strip()}` on {platform.machine()} ({os.cpu_count()} CPUs, {platform.system()}), "
+        f"Made by `{command}` on {platform.machine()} ({os.cpu_count()} CPUs, {platform.system()}), "
         f"{time.strftime('%Y-%m-%d')}" + (f", {seconds / 60:.0f} min this run" if seconds else "") + ".",
         f"Model `{shown(Path(args.miniature)) if args.model == 'mini' else 'tiny random weights'}`; every arm starts "
         "from the same ControlNet (from the UNet) with the same seed, data order, timesteps and noise; only the "
@@ -287,7 +291,6 @@ def write_report(args, seconds: float | None = None) -> str:
         if ref not in arms:
             continue
         for arm in [a for a in arms if a != ref]:
-            diffs = []
             common_seeds = [s for s in runs[arm] if s in runs[ref]]
             per_prompt: dict[int, list[float]] = {}
             for s in common_seeds:
@@ -361,9 +364,9 @@ def plot_curves(runs, arms, floor, out: Path) -> Path:
                 values = [
                     runs[arm][s][step][key] for s in runs[arm] if step in runs[arm][s] and key in runs[arm][s][step]
                 ]
-                mean = sum(values) / len(values)
+                mean, sd = mean_sd(values)
                 means.append(mean)
-                sds.append(math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)))
+                sds.append(0.0 if math.isnan(sd) else sd)  # one seed: no band
             ax.plot(steps, means, marker="o", label=LABELS[arm])
             ax.fill_between(steps, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)], alpha=0.15)
         if floor.get(key) is not None:

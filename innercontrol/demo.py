@@ -226,8 +226,7 @@ def summary_table(floor: dict, trained: dict) -> list[str]:
     lines = ["| measure | floor: base, no ControlNet | InnerControl ControlNet | ceiling: real scenes |"]
     lines.append("| --- | ---: | ---: | ---: |")
     for label, key, digits in rows:
-        ceiling = {"rmse": trained.get("real_images_rmse")}.get(key)
-        cells = [floor.get(key), trained.get(key), ceiling]
+        cells = [floor.get(key), trained.get(key), trained.get(f"real_images_{key}")]
         lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.{digits}f}" for v in cells) + " |")
     return lines
 

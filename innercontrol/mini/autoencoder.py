@@ -137,10 +137,7 @@ def set_scaling_factor(vae, bank: SceneBank, preset: dict) -> float:
 def train(train_bank: SceneBank, preset: dict, work: str | Path, seed: int = 0, progress: bool = True):
     """Train (or resume, or reload when done) the stage work/vae; the VAE in eval mode, its scaling_factor set."""
     vae = build(preset, resolution=train_bank.images.shape[-1], seed=seed)
-    stage = Stage(
-        "vae", work, vae, lr=preset["lr"], max_steps=preset["max_steps"], seed=seed, warmup=preset["warmup"],
-        checkpoint_every=preset["checkpoint_every"], progress=progress,
-    )  # fmt: skip
+    stage = Stage.from_preset("vae", work, vae, preset, seed, progress)
 
     def step(step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         indices = torch.randint(len(train_bank), (preset["batch_size"],), generator=generator)

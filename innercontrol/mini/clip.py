@@ -204,18 +204,7 @@ def train(train_bank: SceneBank, preset: dict, work: str | Path, seed: int = 0, 
     """Train (or resume, or just load when finished) the CLIP stage under work/clip; returns the model in eval mode."""
     model = build(preset, seed)
     tokens = CaptionTokens(train_bank.captions)
-    stage = Stage(
-        "clip",
-        work,
-        model,
-        lr=preset["lr"],
-        max_steps=preset["max_steps"],
-        seed=seed,
-        weight_decay=preset["weight_decay"],
-        warmup=preset["warmup"],
-        checkpoint_every=preset["checkpoint_every"],
-        progress=progress,
-    )
+    stage = Stage.from_preset("clip", work, model, preset, seed, progress)
 
     def step(step_index: int, generator: torch.Generator) -> dict:
         indices = torch.randperm(len(train_bank), generator=generator)[: preset["batch_size"]]

@@ -116,10 +116,7 @@ def depth_loss(prediction: torch.Tensor, depth: torch.Tensor) -> dict[str, torch
 def train(train_bank: SceneBank, preset: dict, work: str | Path, seed: int = 0, progress: bool = True):
     """Train (or resume, or reload when done) the stage work/depth; the model in eval mode."""
     model = build(preset, seed=seed)
-    stage = Stage(
-        "depth", work, model, lr=preset["lr"], max_steps=preset["max_steps"], seed=seed, warmup=preset["warmup"],
-        checkpoint_every=preset["checkpoint_every"], progress=progress,
-    )  # fmt: skip
+    stage = Stage.from_preset("depth", work, model, preset, seed, progress)
 
     def step(step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         indices = torch.randint(len(train_bank), (preset["batch_size"],), generator=generator)

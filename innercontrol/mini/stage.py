@@ -67,6 +67,16 @@ class Stage:
         self.step = 0
         self.seconds = 0.0  # training time of this stage over all its runs (resumes included)
 
+    @classmethod
+    def from_preset(cls, name: str, work: str | Path, model: torch.nn.Module, preset: dict, seed: int, progress: bool):
+        """The stage of a module's preset: lr, max_steps and warmup from it, and weight_decay and checkpoint_every
+        where the preset names them (the defaults otherwise)."""
+        optional = {key: preset[key] for key in ("weight_decay", "checkpoint_every") if key in preset}
+        return cls(
+            name, work, model, lr=preset["lr"], max_steps=preset["max_steps"], seed=seed, warmup=preset["warmup"],
+            progress=progress, **optional,
+        )  # fmt: skip
+
     @property
     def checkpoint_file(self) -> Path:
         return self.folder / "checkpoint.pt"

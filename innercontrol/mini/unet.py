@@ -130,16 +130,7 @@ def train(train_bank, preset: dict, work: Path, seed: int, vae, tokenizer, text_
     latents, texts, empty = cached_encodings(train_bank, vae, tokenizer, text_encoder, work, progress)
     unet = build(preset, texts.shape[-1], latents.shape[-1], seed)
     scheduler = noise_scheduler()
-    stage = Stage(
-        "unet",
-        work,
-        unet,
-        lr=preset["lr"],
-        max_steps=preset["max_steps"],
-        seed=seed,
-        warmup=preset["warmup"],
-        progress=progress,
-    )
+    stage = Stage.from_preset("unet", work, unet, preset, seed, progress)
     stage.run(lambda step, generator: diffusion_step(unet, scheduler, latents, texts, empty, preset, generator))
     return unet, stage
 
