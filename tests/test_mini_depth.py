@@ -65,6 +65,7 @@ def test_depth_loss_by_hand():
     assert float(terms["l1"]) == pytest.approx(l1)
     assert float(terms["protocol_mse"]) == pytest.approx(protocol)
     assert float(terms["loss"]) == pytest.approx(l1 + protocol)
+    assert float(depth.depth_loss(prediction, exact, protocol_weight=4.0)["loss"]) == pytest.approx(l1 + 4 * protocol)
     # A prediction proportional to the exact depth has zero protocol error.
     assert float(depth.depth_loss(3 * exact, exact)["protocol_mse"]) == pytest.approx(0.0, abs=1e-12)
 
