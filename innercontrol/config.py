@@ -33,6 +33,11 @@ class ModelConfig:
     # Decoder features the probe reads: "attn" (InnerControl) or "conv" (Readout Guidance).
     tap: str = "attn"
     gradient_checkpointing: bool = False
+    # torch.compile of the UNet's and ControlNet's blocks one by one (innercontrol/speed.py): small graphs, short
+    # compile time; hooks (the probe's taps), checkpoints and saved weights unchanged.
+    compile: bool = False
+    # UNet and ControlNet convolutions in channels_last (NHWC) memory format, faster with cuDNN on recent GPUs.
+    channels_last: bool = False
     # Also checkpoint the VAE decoder that the reward loss backpropagates through (less memory, ~+30% reward cost;
     # only used where the reward runs eagerly: on the CPU or with reward_cuda_graph=false).
     vae_gradient_checkpointing: bool = False
@@ -133,6 +138,16 @@ class OptimConfig:
     mixed_precision: str = "fp16"  # "no", "fp16", "bf16"
     use_ema: bool = True
     ema_decay: float = 0.9999
+    # "adamw" (torch.optim.AdamW, the published recipe), "adamw_fused" (the same update in one fused CUDA kernel
+    # per step; CUDA only) or "adamw_8bit" (bitsandbytes' AdamW8bit: optimizer state in 8 bits, for smaller GPUs;
+    # pip install bitsandbytes). bench/step_cost.py measures each.
+    optimizer: str = "adamw"
+    # TF32 matmuls and convolutions for fp32 work on Ampere and later GPUs (torch.set_float32_matmul_precision
+    # "high"); no effect on the CPU or on the bf16/fp16 parts of mixed precision.
+    allow_tf32: bool = False
+    # Cache the text encoder's embeddings of this many distinct captions (least recently used out first; the
+    # empty caption of caption dropout stays); 0 = encode every batch, as the published training does.
+    text_embedding_cache: int = 0
 
 
 @dataclass
@@ -386,6 +401,8 @@ RANGES: dict[str, Range] = {
     "optim.gradient_accumulation": at_least(1),
     "optim.mixed_precision": PRECISION,
     "optim.ema_decay": within(0, 1),
+    "optim.optimizer": one_of("adamw", "adamw_fused", "adamw_8bit"),
+    "optim.text_embedding_cache": at_least(0, "captions whose embeddings are kept; 0 = no cache"),
     # logging
     "logging.output_dir": NOT_EMPTY,
     "logging.log_every": at_least(1, "in optimizer steps"),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from innercontrol.hub import ModelFolderError, check_model_folder, resolve_model
+from innercontrol.reward import host_to_device
 
 
 @dataclass
@@ -138,4 +140,38 @@ def encode_prompts(tokenizer, text_encoder, captions: list[str], device) -> torc
     ids = tokenizer(
         captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    return text_encoder(ids.to(device))[0]
+    return text_encoder(host_to_device(ids, device))[0]
+
+
+class TextEmbeddingCache:
+    """encode_prompts with the embeddings of the last `max_entries` distinct captions kept (the text encoder is
+    frozen, so a caption's embedding never changes); the empty caption of caption dropout is never evicted.
+
+        encode = TextEmbeddingCache(tokenizer, text_encoder, device, max_entries=4096)
+        text = encode(batch["caption"])   # (B, 77, D), only the captions not cached are run through the encoder
+    """
+
+    def __init__(self, tokenizer, text_encoder, device, max_entries: int):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, got {max_entries}")
+        self.tokenizer, self.text_encoder, self.device, self.max_entries = tokenizer, text_encoder, device, max_entries
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self.entries]
+        self.misses += len(missing)  # rows run through the text encoder
+        self.hits += len(captions) - len(missing)
+        if missing:
+            for caption, embedding in zip(
+                missing, encode_prompts(self.tokenizer, self.text_encoder, missing, self.device)
+            ):
+                self.entries[caption] = embedding
+        text = torch.stack([self.entries[c] for c in captions])
+        for caption in captions:
+            self.entries.move_to_end(caption)
+        while len(self.entries) > self.max_entries:
+            oldest = next(c for c in self.entries if c != "" or len(self.entries) == 1)
+            del self.entries[oldest]
+        return text

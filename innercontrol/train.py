@@ -28,17 +28,19 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from innercontrol.checkpoints import prepare_fresh_start, resume, save_checkpoint, save_model_atomically
 from innercontrol.config import ConfigError, load_config, precision_dtype
-from innercontrol.controlled_unet import ControlledUNet, tapped_channels
+from innercontrol.controlled_unet import ControlledUNet, tapped_channels, tapped_modules
 from innercontrol.distributed import finish
 from innercontrol.losses import LossWeights, diffusion_target, innercontrol_objective
-from innercontrol.models import encode_prompts, load_controlnet, load_stable_diffusion
+from innercontrol.models import TextEmbeddingCache, encode_prompts, load_controlnet, load_stable_diffusion
 from innercontrol.reward import SplitReward, host_to_device
+from innercontrol.speed import compile_blocks, to_channels_last
 
 logger = logging.getLogger("innercontrol.train")
 LOSS_TERMS = ("loss", "diffusion", "reward", "alignment")
@@ -91,6 +93,58 @@ class EMA:
         self.shadow.load_state_dict(state["weights"])
 
 
+class LossLog:
+    """The loss terms of each micro-batch, kept on the device until read: the loop reads them back in one copy at the
+    logging interval and before anything is saved or shown, so the host queues steps ahead of the device instead of
+    waiting for each loss value (issue 16). Reading checks them: a non-finite term raises NonFiniteLossError naming the
+    first step it appeared in. Steps after it may have updated the weights in memory, but nothing is saved after a
+    bad step: the last good checkpoint stays the latest."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, tuple[str, ...], torch.Tensor]] = []
+        self.sums = {term: 0.0 for term in LOSS_TERMS}
+        self.micro_batches = 0
+
+    def add(self, step: int, terms: dict) -> None:
+        """Queue the terms of a micro-batch of optimizer step `step` (no device read)."""
+        keys = tuple(k for k in LOSS_TERMS if k in terms)
+        self.pending.append((step, keys, torch.stack([terms[k].detach().float().reshape(()) for k in keys])))
+
+    def read(self, accelerator, stop_requested: bool) -> bool:
+        """Read the queued terms (one device-to-host copy), add them to the sums, raise on a non-finite one here or
+        on another process; returns whether any process asked to stop (agreed across processes)."""
+        pending, self.pending = self.pending, []
+        host = torch.cat([values for _, _, values in pending]).cpu().tolist() if pending else []
+        first_bad, position = None, 0
+        for step, keys, _ in pending:
+            values = dict(zip(keys, host[position : position + len(keys)]))
+            position += len(keys)
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            if bad and first_bad is None:
+                first_bad = (step, ", ".join(f"{k}={values[k]}" for k in bad))
+            for term, value in values.items():
+                self.sums[term] += value
+            self.micro_batches += 1
+        flags = [float(first_bad is not None), float(stop_requested)]
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(torch.tensor(flags, device=accelerator.device), reduction="sum").tolist()
+        if flags[0] > 0:
+            step, found = first_bad or ("?", "on another process")
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} ({found}); the run stops without saving, so the last good "
+                f"checkpoint stays the latest (resume with logging.resume=latest, perhaps with a lower optim.lr or "
+                f"optim.mixed_precision=bf16)"
+            )
+        return flags[1] > 0
+
+    def means(self) -> dict:
+        """Mean of each term over the micro-batches read since the last call; resets the sums."""
+        logs = {f"loss/{k}": v / max(1, self.micro_batches) for k, v in self.sums.items()}
+        self.sums = {term: 0.0 for term in LOSS_TERMS}
+        self.micro_batches = 0
+        return logs
+
+
 class RunStopped(Exception):
     """The run stopped on request (Ctrl-C / SIGTERM) after saving a checkpoint; main() exits with STOPPED_EXIT_CODE."""
 
@@ -132,15 +186,54 @@ def compute_control(condition, images: torch.Tensor) -> torch.Tensor:
         return condition((images.float() + 1) / 2).float()
 
 
+def build_optimizer(optim_cfg, params, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer of optim.optimizer over the ControlNet's parameters, with the config's lr, betas, eps and decay."""
+    kwargs = dict(
+        lr=optim_cfg.lr,
+        betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2),
+        weight_decay=optim_cfg.weight_decay,
+        eps=optim_cfg.adam_eps,
+    )
+    if optim_cfg.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes
+        except ImportError as err:
+            raise ConfigError(
+                "optim.optimizer=adamw_8bit needs bitsandbytes: pip install bitsandbytes (or optim.optimizer=adamw)"
+            ) from err
+        if torch.device(device).type != "cuda":
+            raise ConfigError("optim.optimizer=adamw_8bit runs on CUDA GPUs only: use optim.optimizer=adamw here")
+        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    if optim_cfg.optimizer == "adamw_fused":
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    if optim_cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    raise ConfigError(f"optim.optimizer={optim_cfg.optimizer!r}: use adamw, adamw_fused or adamw_8bit")
+
+
 def training_step(
-    batch, sd, model, condition, probe, weights: LossWeights, weight_dtype, device, split: SplitReward | None = None
+    batch,
+    sd,
+    model,
+    condition,
+    probe,
+    weights: LossWeights,
+    weight_dtype,
+    device,
+    split: SplitReward | None = None,
+    encode_text: Callable[[list[str]], torch.Tensor] | None = None,
 ) -> dict:
-    """One micro-batch: encode, noise, ControlNet + UNet forward with decoder taps, every term of the objective."""
-    images = batch["pixel_values"].to(device)
-    control = batch["control"].to(device) if "control" in batch else compute_control(condition, images)
+    """One micro-batch: encode, noise, ControlNet + UNet forward with decoder taps, every term of the objective.
+    encode_text (e.g. a TextEmbeddingCache) replaces encoding the captions with sd's text encoder."""
+    # Pinned, non-blocking copies on CUDA: the host does not wait here for the previous step's kernels.
+    images = host_to_device(batch["pixel_values"], device)
+    control = host_to_device(batch["control"], device) if "control" in batch else compute_control(condition, images)
     with torch.no_grad():
         latents = sd.vae.encode(images.to(weight_dtype)).latent_dist.sample() * sd.vae.config.scaling_factor
-        text = encode_prompts(sd.tokenizer, sd.text_encoder, batch["caption"], device)
+        if encode_text is not None:
+            text = encode_text(batch["caption"])
+        else:
+            text = encode_prompts(sd.tokenizer, sd.text_encoder, batch["caption"], device)
     latents = latents.float()
     noise = torch.randn_like(latents)
     # Sampled on the host: the loss windows are chosen from this copy without reading the device back.
@@ -292,6 +385,9 @@ def train(cfg) -> Path:
         hint="choose another folder with logging.output_dir=DIR",
     )
     device = accelerator.device
+    if cfg.optim.allow_tf32:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32 work (Ampere and later)
+        torch.backends.cudnn.allow_tf32 = True
     set_seed(cfg.seed + accelerator.process_index)
     weight_dtype = precision_dtype(cfg.optim.mixed_precision)
     weights = LossWeights.from_config(cfg.loss)
@@ -307,6 +403,8 @@ def train(cfg) -> Path:
         sd.vae.enable_gradient_checkpointing()
     for module in (sd.unet, sd.vae, sd.text_encoder):
         module.to(device, dtype=weight_dtype)
+    if cfg.model.channels_last:
+        to_channels_last(sd.unet, controlnet)
     condition = None
     if needs_condition:
         condition = get_condition(
@@ -344,13 +442,14 @@ def train(cfg) -> Path:
             scaler=accelerator.scaler,
         )
 
-    optimizer = torch.optim.AdamW(
-        controlnet.parameters(),
-        lr=cfg.optim.lr,
-        betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-        weight_decay=cfg.optim.weight_decay,
-        eps=cfg.optim.adam_eps,
-    )
+    if cfg.model.compile:
+        taps = tapped_modules(sd.unet, cfg.model.tap) if probe is not None else []
+        compiled = compile_blocks(sd.unet, keep_eager=taps) + compile_blocks(controlnet)
+        logger.info("model.compile: %d UNet and ControlNet blocks compiled (regional torch.compile)", compiled)
+    optimizer = build_optimizer(cfg.optim, controlnet.parameters(), device)
+    encode_text = None
+    if cfg.optim.text_embedding_cache > 0:
+        encode_text = TextEmbeddingCache(sd.tokenizer, sd.text_encoder, device, cfg.optim.text_embedding_cache)
     # Prepared schedulers step once per process per optimizer step; scale the horizon to match.
     lr_scheduler = get_scheduler(
         cfg.optim.lr_schedule,
@@ -408,8 +507,7 @@ def train(cfg) -> Path:
     progress = tqdm(
         total=cfg.optim.max_steps, initial=global_step, disable=not accelerator.is_main_process, desc="steps"
     )
-    sums = {term: 0.0 for term in LOSS_TERMS}
-    micro_batches, window_start = 0, time.perf_counter()
+    losses, window_start, window_steps = LossLog(), time.perf_counter(), 0
 
     def checkpoint_now(reason: str) -> Path:
         extra = {"reason": reason, "config": cfg.logging.output_dir}
@@ -423,49 +521,46 @@ def train(cfg) -> Path:
         while global_step < cfg.optim.max_steps:
             batch = next(data)
             with accelerator.accumulate(controlnet):
-                terms = training_step(batch, sd, model, condition, probe, weights, weight_dtype, device, split)
-                values = {k: terms[k].item() for k in LOSS_TERMS if k in terms}
-                bad = [k for k, v in values.items() if not math.isfinite(v)]
-                flags = torch.tensor([float(bool(bad)), float(stop.requested)], device=device)
-                flags = accelerator.reduce(flags, reduction="sum") if accelerator.num_processes > 1 else flags
-                if flags[0] > 0:
-                    found = ", ".join(f"{k}={values[k]}" for k in bad) or "on another process"
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {global_step + 1} ({found}); the run stops without saving, so "
-                        f"the last good checkpoint stays the latest (resume with logging.resume=latest, perhaps "
-                        f"with a lower optim.lr or optim.mixed_precision=bf16)"
-                    )
+                terms = training_step(
+                    batch, sd, model, condition, probe, weights, weight_dtype, device, split, encode_text
+                )
+                losses.add(global_step + 1, terms)
                 accelerator.backward(terms["loss"])
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(controlnet.parameters(), cfg.optim.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            for term, value in values.items():
-                sums[term] += value
-            micro_batches += 1
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            window_steps += 1
             progress.update(1)
             if ema is not None:
                 ema.update(accelerator.unwrap_model(controlnet))
-            if global_step % cfg.logging.log_every == 0 or global_step == cfg.optim.max_steps:
+            log_now = global_step % cfg.logging.log_every == 0 or global_step == cfg.optim.max_steps
+            checkpoint_due = global_step % cfg.logging.checkpoint_every == 0
+            validation_due = cfg.logging.validation_every > 0 and global_step % cfg.logging.validation_every == 0
+            # One process reads its own stop request at every step; several agree on it where they read the losses.
+            single_stop = accelerator.num_processes == 1 and stop.requested
+            if not (log_now or checkpoint_due or validation_due or single_stop):
+                continue
+            stop_now = losses.read(accelerator, stop.requested)  # raises on a non-finite loss: nothing is saved
+            if log_now:
                 elapsed = time.perf_counter() - window_start
-                logs = {f"loss/{k}": v / micro_batches for k, v in sums.items()}
+                logs = losses.means()
                 logs["lr"] = lr_scheduler.get_last_lr()[0]
-                logs["steps_per_sec"] = (micro_batches / cfg.optim.gradient_accumulation) / elapsed
+                logs["steps_per_sec"] = window_steps / elapsed
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{logs['loss/loss']:.4f}", steps_s=f"{logs['steps_per_sec']:.2f}")
-                sums = {term: 0.0 for term in LOSS_TERMS}
-                micro_batches, window_start = 0, time.perf_counter()
-            if flags[1] > 0:
+                window_start, window_steps = time.perf_counter(), 0
+            if stop_now:
                 stopped_at = checkpoint_now("stop requested")
                 finish(accelerator)
                 raise RunStopped(stopped_at, global_step)
-            if global_step % cfg.logging.checkpoint_every == 0:
+            if checkpoint_due:
                 checkpoint_now("interval")
-            if cfg.logging.validation_every > 0 and global_step % cfg.logging.validation_every == 0:
+            if validation_due:
                 if accelerator.is_main_process:
                     net = ema.shadow if ema is not None else accelerator.unwrap_model(controlnet)
                     grid = validation_grid(cfg, sd, net, condition, *validation, device, weight_dtype)

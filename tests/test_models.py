@@ -79,3 +79,39 @@ def test_controlnet_from_the_unet_downsamples_the_control_by_the_vae_factor(tiny
         controlnet = load_controlnet(cfg, unet, vae)
         embedded = controlnet.controlnet_cond_embedding(torch.rand(1, 3, side, side))
         assert embedded.shape[-2:] == (side // (4 if vae is f4_vae else 8),) * 2
+
+
+def test_text_embedding_cache_matches_the_encoder_and_runs_only_new_captions(tiny_dir):
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from innercontrol.models import TextEmbeddingCache, encode_prompts
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_dir, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(tiny_dir, subfolder="text_encoder").eval()
+    rows = []
+    real_forward = encoder.forward
+
+    def counting(input_ids, *args, **kwargs):
+        rows.append(len(input_ids))
+        return real_forward(input_ids, *args, **kwargs)
+
+    encoder.forward = counting
+    cache = TextEmbeddingCache(tokenizer, encoder, "cpu", max_entries=3)
+    first = cache(["a red circle", "", "a red circle", "a blue square"])
+    assert rows == [3]  # three distinct captions, one encoder call
+    with torch.no_grad():
+        direct = encode_prompts(tokenizer, encoder, ["a red circle", "", "a red circle", "a blue square"], "cpu")
+    torch.testing.assert_close(first, direct, rtol=0, atol=1e-5)
+    assert torch.equal(first[0], first[2])
+
+    again = cache(["a blue square", "", "a green triangle"])  # one new caption; the oldest non-empty one goes
+    assert rows == [3, 4, 1]  # direct (4 rows) ran in between
+    assert (cache.hits, cache.misses) == (1 + 2, 3 + 1)  # a repeat within a batch counts as a hit
+    assert list(cache.entries) == ["a blue square", "", "a green triangle"]
+    torch.testing.assert_close(again[0], first[3], rtol=0, atol=0)
+    cache(["x", "y", "z"])
+    assert "" in cache.entries and len(cache.entries) == 3  # the empty caption stays
+
+    with pytest.raises(ValueError, match="max_entries"):
+        TextEmbeddingCache(tokenizer, encoder, "cpu", max_entries=0)

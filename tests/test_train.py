@@ -155,6 +155,69 @@ def test_non_finite_loss_stops_with_step_and_term(workspace, monkeypatch):
     assert not (out / "controlnet").exists()
 
 
+class HostReadSpy:
+    """Counts reads of tensor values back to the host made by our training code or diffusers: .item(), bool(),
+    float(), int() of any tensor and .cpu() / .tolist() / .numpy() of a floating-point one (the step's host tensors,
+    sampled timesteps and window indices, are integer or boolean). On the CPU every tensor is a host tensor, so
+    this is how a test without a GPU sees the reads that on CUDA make the host wait for the device."""
+
+    VALUE_READS = ("item", "__bool__", "__float__", "__int__")
+    FLOAT_READS = ("cpu", "tolist", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.reads: list[str] = []
+        for name in self.VALUE_READS + self.FLOAT_READS:
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
+
+    def _wrap(self, name, real):
+        spy = self
+
+        def read(tensor, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            ours = "/innercontrol/" in caller.co_filename or "/diffusers/" in caller.co_filename
+            if ours and (name in spy.VALUE_READS or tensor.is_floating_point()):
+                spy.reads.append(f"{Path(caller.co_filename).name}:{caller.co_name}:{name}")
+            return real(tensor, *args, **kwargs)
+
+        return read
+
+
+@pytest.mark.parametrize("log_every", [100, 1])
+def test_no_host_read_inside_the_step_loop(workspace, monkeypatch, log_every):
+    """The loss values are read once per logging interval, not per micro-step (issue 16): a 4-step run with 2
+    micro-batches per step reads them back only where it logs or saves."""
+    spy = HostReadSpy(monkeypatch)
+    out = workspace["root"] / f"sync-{log_every}"
+    extra = (f"logging.log_every={log_every}", "logging.checkpoint_every=100", "data.caption_dropout=0")
+    run_train(overrides(workspace, out, 4, *extra))
+    read_points = 1 if log_every == 100 else 4  # the last step always logs
+    # One copy of the queued values to the host (.cpu()) and its conversion to Python floats, per read point.
+    assert spy.reads == ["train.py:read:cpu", "train.py:read:tolist"] * read_points, spy.reads
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_step_never_synchronises_on_cuda(workspace, monkeypatch):
+    """On CUDA, every micro-step after the first runs under sync debug mode "error": a device-to-host read raises."""
+    from innercontrol import train
+
+    real_step, calls = train.training_step, {"n": 0}
+
+    def strict(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:  # first step: lazy set-up (cuBLAS handles, allocator) may synchronise
+            return real_step(*args, **kwargs)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(train, "training_step", strict)
+    out = workspace["root"] / "cuda-sync"
+    run_train(overrides(workspace, out, 3, "model.reward_cuda_graph=false", "logging.log_every=100"))
+    assert calls["n"] == 6
+
+
 def snapshot(folder):
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
 
@@ -414,3 +477,28 @@ def test_ema_resume_continues_the_decay_sequence():
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="update count"):
         EMA(model, 0.9).load_state_dict({"decay": 0.9, "weights": model.state_dict()})
+
+
+def test_fused_adamw_takes_the_same_steps_as_adamw_and_8bit_names_what_it_needs():
+    from types import SimpleNamespace
+
+    from innercontrol.config import ConfigError
+    from innercontrol.train import build_optimizer
+
+    cfg = SimpleNamespace(lr=1e-2, adam_beta1=0.9, adam_beta2=0.99, weight_decay=1e-2, adam_eps=1e-8)
+    results = {}
+    for kind in ("adamw", "adamw_fused"):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(8, 4)
+        initial = net.weight.detach().clone()
+        optimizer = build_optimizer(SimpleNamespace(optimizer=kind, **vars(cfg)), net.parameters(), "cpu")
+        assert isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults["fused"]) is (kind == "adamw_fused")
+        for step in range(5):
+            net(torch.randn(16, 8, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results[kind] = net.weight.detach().clone()
+    assert (results["adamw"] - initial).abs().mean() > 1e-3  # the weights moved
+    torch.testing.assert_close(results["adamw_fused"], results["adamw"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="adamw_8bit"):
+        build_optimizer(SimpleNamespace(optimizer="adamw_8bit", **vars(cfg)), torch.nn.Linear(2, 2).parameters(), "cpu")
