@@ -69,17 +69,20 @@ SETTINGS = {
     "compile": "regional torch.compile of the blocks (model.compile)",
     "best": "compile + channels_last + fused AdamW",
 }
-# Dense peak TFLOP/s of the tensor cores (NVIDIA data sheets; SXM parts), by name fragment and precision.
-PEAK_TFLOPS = {
-    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
-    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
-}
+# Dense peak TFLOP/s (NVIDIA data sheets), by device-name fragment, most specific first, and precision ("tf32": fp32
+# work with TF32 matmuls; "fp32": plain fp32, also used for fp32 rows although cuDNN convolutions run in TF32).
+PEAK_TFLOPS = [
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+]
 
 
 def peak_tflops(device_name: str, precision: str) -> float | None:
-    """The device's dense peak for the precision (fp32 rows count at TF32 peak only when TF32 is on), or None."""
-    for fragment, peaks in PEAK_TFLOPS.items():
+    """The device's dense peak for the precision, or None for a device not in PEAK_TFLOPS."""
+    for fragment, peaks in PEAK_TFLOPS:
         if fragment in device_name:
             return peaks[precision]
     return None
@@ -88,9 +91,11 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 def count_flops(run_step) -> int:
     """Model FLOPs of one step (matmuls, convolutions, attention: what torch.utils.flop_counter counts), forward and
     backward, without recomputation: count with gradient checkpointing off."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    # The math attention kernel decomposes into counted matmuls (the CPU's fused kernel has no FLOP formula).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         run_step()
     return counter.get_total_flops()
 
@@ -392,23 +397,25 @@ def main(argv=None) -> None:
     # Model FLOPs per row (the settings do the same arithmetic as their base row): the eager split reward pass
     # (replays of CUDA graphs are invisible to the counter) and gradient checkpointing off (no recomputation).
     def without_checkpointing(run):
-        if args.gradient_checkpointing:
-            unet.disable_gradient_checkpointing()
-            controlnet.disable_gradient_checkpointing()
+        modules = [unet, controlnet] if args.gradient_checkpointing else []
+        modules += [vae] if args.vae_gradient_checkpointing else []
+        for module in modules:
+            module.disable_gradient_checkpointing()
         try:
             return run()
         finally:
-            if args.gradient_checkpointing:
-                unet.enable_gradient_checkpointing()
-                controlnet.enable_gradient_checkpointing()
+            for module in modules:
+                module.enable_gradient_checkpointing()
 
+    # Rows with a windowed term do work that depends on the timesteps: count them over every timed batch (the
+    # batches the time is averaged over); the plain step once.
     flops = {}
     for row in rows:
         if row.setting == "default":
             counted = replace(row, split="eager") if row.split == "graph" else row
-            flops[row.key] = without_checkpointing(
-                lambda counted=counted: count_flops(lambda: step(counted, timestep_batches[1]))
-            )
+            batches = timestep_batches[1:] if (row.reward or row.alignment) else timestep_batches[1:2]
+            counts = [without_checkpointing(lambda t=t, r=counted: count_flops(lambda: step(r, t))) for t in batches]
+            flops[row.key] = sum(counts) / len(counts)
     for row in rows:
         flops.setdefault(row.key, flops[row.key.split("-")[0]])
 
@@ -483,11 +490,18 @@ def main(argv=None) -> None:
             f"{peaks[key] / 2**20:.0f} | {peaks[key] / peaks['a']:.2f} | {busy[key]:.1f} | {busy[key] / busy['a']:.2f}"
         )
 
-    peak_flops = args.peak_tflops or (peak_tflops(device_name, args.precision) if device.type == "cuda" else None)
+    def row_peak(row: Row) -> float | None:
+        if args.peak_tflops:
+            return args.peak_tflops
+        precision = "tf32" if args.precision == "fp32" and row.setting == "tf32" else args.precision
+        return peak_tflops(device_name, precision) if device.type == "cuda" else None
+
+    peak_flops = row_peak(rows[0])
 
     def throughput_cells(key: str) -> str:
         rate = flops[key] / mean[key] / 1e12
-        mfu = f"{rate / peak_flops:.1%}" if peak_flops else "-"
+        peak = row_peak(next(r for r in rows if r.key == key))
+        mfu = f"{rate / peak:.1%}" if peak else "-"
         return f"{b / mean[key]:.2f} | {flops[key] / 1e9:.2f} | {rate:.3f} | {mfu}"
 
     for row in rows:
@@ -528,9 +542,10 @@ def main(argv=None) -> None:
             )
     lines += [
         "",
-        f"Throughput: model FLOPs counted by torch.utils.flop_counter (matmuls, convolutions, attention; forward and "
-        f"backward; the split reward pass eager; without the recomputation of gradient checkpointing). MFU = "
-        f"TFLOP/s / the device's dense {args.precision} peak "
+        f"Throughput: model FLOPs counted by torch.utils.flop_counter (matmuls, convolutions, attention through the "
+        f"math kernel; forward and backward; the split reward pass eager; without the recomputation of gradient "
+        f"checkpointing; averaged over the timed batches for rows with a windowed term). MFU = TFLOP/s / the "
+        f"device's dense {args.precision} peak (the tf32 row: the TF32 peak) "
         + (f"({peak_flops:g} TFLOP/s)." if peak_flops else "(no peak known for this device: --peak-tflops sets one).")
         + f" Data loading alone (decode, resize, collate at {resolution} px, batch {b}, {loading_how}): "
         f"{loading_rate:.1f} samples/s, {loading_rate / (b / mean['e']):.1f}x what the full step (e) consumes.",

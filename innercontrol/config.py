@@ -142,8 +142,8 @@ class OptimConfig:
     # per step; CUDA only) or "adamw_8bit" (bitsandbytes' AdamW8bit: optimizer state in 8 bits, for smaller GPUs;
     # pip install bitsandbytes). bench/step_cost.py measures each.
     optimizer: str = "adamw"
-    # TF32 matmuls and convolutions for fp32 work on Ampere and later GPUs (torch.set_float32_matmul_precision
-    # "high"); no effect on the CPU or on the bf16/fp16 parts of mixed precision.
+    # TF32 matmuls for fp32 work on Ampere and later GPUs (torch.set_float32_matmul_precision("high"); torch runs
+    # cuDNN convolutions in TF32 already); no effect on the CPU or on the bf16/fp16 parts of mixed precision.
     allow_tf32: bool = False
     # Cache the text encoder's embeddings of this many distinct captions (least recently used out first; the
     # empty caption of caption dropout stays); 0 = encode every batch, as the published training does.

@@ -40,12 +40,14 @@ from innercontrol.distributed import finish
 from innercontrol.losses import LossWeights, diffusion_target, innercontrol_objective
 from innercontrol.models import TextEmbeddingCache, encode_prompts, load_controlnet, load_stable_diffusion
 from innercontrol.reward import SplitReward, host_to_device
-from innercontrol.speed import compile_blocks, to_channels_last
+from innercontrol.speed import compile_blocks, to_channels_last, uncompiled
 
 logger = logging.getLogger("innercontrol.train")
 LOSS_TERMS = ("loss", "diffusion", "reward", "alignment")
 # Exit code of a run stopped on request after saving its checkpoint (EX_TEMPFAIL: not finished, resume it).
 STOPPED_EXIT_CODE = 75
+# With several processes, a stop request is agreed on (one small all-reduce) at least this often, in steps.
+STOP_AGREEMENT_EVERY = 10
 # What a run writes into logging.output_dir: a fresh run finding any of these stops (or removes them, overwrite).
 RUN_OUTPUTS = ("checkpoints", "config.yaml", "controlnet", "controlnet_ema", "summary.json", "validation", "logs")
 
@@ -69,7 +71,7 @@ class EMA:
     def __init__(self, model: torch.nn.Module, decay: float):
         self.max_decay = decay
         self.updates = 0
-        self.shadow = copy.deepcopy(model).requires_grad_(False).eval()
+        self.shadow = uncompiled(copy.deepcopy(model)).requires_grad_(False).eval()
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> float:
@@ -541,9 +543,11 @@ def train(cfg) -> Path:
             log_now = global_step % cfg.logging.log_every == 0 or global_step == cfg.optim.max_steps
             checkpoint_due = global_step % cfg.logging.checkpoint_every == 0
             validation_due = cfg.logging.validation_every > 0 and global_step % cfg.logging.validation_every == 0
-            # One process reads its own stop request at every step; several agree on it where they read the losses.
+            # One process reads its own stop request at every step; several agree on it where they read the losses,
+            # and at least every STOP_AGREEMENT_EVERY steps.
             single_stop = accelerator.num_processes == 1 and stop.requested
-            if not (log_now or checkpoint_due or validation_due or single_stop):
+            agree = accelerator.num_processes > 1 and global_step % STOP_AGREEMENT_EVERY == 0
+            if not (log_now or checkpoint_due or validation_due or single_stop or agree):
                 continue
             stop_now = losses.read(accelerator, stop.requested)  # raises on a non-finite loss: nothing is saved
             if log_now:

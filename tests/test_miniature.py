@@ -60,7 +60,7 @@ def test_the_depth_model_reads_depth_of_unseen_scenes(scenes, report):
         rmse = metrics.depth_rmse(model.predict_depth((images + 1) / 2), depth).mean().item()
     # Baseline: the mean depth map of these scenes as every prediction (no model needed to score it).
     mean_map = metrics.depth_rmse(depth.mean(0, keepdim=True).expand_as(depth) + 1e-3, depth).mean().item()
-    # Measured at commit: 13.5 vs the mean map's 25.6 (0.53x).
+    # Measured at commit: 7.7 on the whole held-out set (13.5 with the first depth model; the mean map: 25.6).
     assert rmse <= 1.3 * report["depth"]["rmse"] and rmse < 0.65 * mean_map
 
 

@@ -87,3 +87,22 @@ def test_a_block_holding_a_tap_stays_eager_but_its_attention_is_compiled(tiny_mo
         for a in getattr(block, "attentions", [])
         for b in a.transformer_blocks
     )
+
+
+def test_the_ema_copy_of_a_compiled_controlnet_runs_its_own_weights(tiny_models):
+    """A deepcopy keeps compiled forwards bound to the original's blocks; the EMA shadow must drop them."""
+    from innercontrol.speed import compile_blocks
+    from innercontrol.train import EMA
+
+    net = copy.deepcopy(tiny_models[1])
+    compile_blocks(net)
+    shadow = EMA(net, 0.9).shadow
+    assert any("forward" in vars(m) for m in net.modules())  # the trained ControlNet stays compiled
+    assert not any("forward" in vars(m) for m in shadow.modules())
+    block = shadow.down_blocks[0].resnets[0]
+    x, emb = torch.randn(1, block.in_channels, 8, 8), torch.randn(1, block.time_emb_proj.in_features)
+    with torch.no_grad():
+        before = block(x, emb)
+        for p in net.parameters():
+            p.add_(1.0)  # the original moves; the shadow must not follow it
+        torch.testing.assert_close(block(x, emb), before, rtol=0, atol=0)

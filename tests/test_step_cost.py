@@ -36,6 +36,8 @@ def test_peak_table_lookup():
     bench = load_bench()
     assert bench.peak_tflops("NVIDIA H200", "bf16") == 989.0
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "fp16") == 312.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0  # not the SXM part's peak
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.0
     assert bench.peak_tflops("Some GPU", "bf16") is None
 
 
