@@ -1,12 +1,12 @@
 """Method comparison on the miniature (issue 15): plain ControlNet vs ControlNet++ vs alignment only vs InnerControl.
 
-    python bench/method_comparison.py                                  # every arm, 3 seeds, CPU sizes (~2 h, 2 cores)
+    python bench/method_comparison.py                                  # every arm, 3 seeds, CPU sizes (~1 h, 2 cores)
     python bench/method_comparison.py --arms innercontrol --seeds 0    # one arm, one seed
     python bench/method_comparison.py --preset gpu                     # more steps and seeds, for a GPU
     python bench/method_comparison.py --report-only                    # rewrite METHODS.md and plots from disk
 
 Every arm trains a ControlNet with the real entry point (python -m innercontrol.train, configs/mini.yaml) from the
-same initialisation (ControlNetModel.from_unet of the mini UNet), with the same seed, hence the same data order,
+same initialisation, with the same seed, hence the same data order,
 latent samples, timesteps and noise: only the objective differs (loss weights below; the probe and the condition
 model are frozen and deterministic, so they draw no random numbers). Training runs in segments of --eval-every
 steps (logging.resume=latest continues the same run; the learning-rate schedule is forced to constant_with_warmup,
@@ -15,6 +15,13 @@ python -m innercontrol.evaluate on the same held-out scenes, prompts and seeds (
 CLIP score with the mini CLIP, FID on mini-CLIP features). The floor (the base with no ControlNet) is evaluated once;
 the probe readout (the probe's error against the input control at each sampling step) runs on each arm's final
 ControlNet and on the base alone.
+
+The initialisation is a warm start, as in the paper (ControlNet++ and InnerControl fine-tune a working ControlNet
+v1.1): --init-steps steps (default 300) of --init-arm's objective (default innercontrol, the demo's recipe; seed
+1000, not one of the arms' seeds) from ControlNetModel.from_unet, evaluated like the arms (step 0 of every curve).
+Measured on this miniature, a ControlNet trained from the UNet with the diffusion loss alone does not learn control
+within 1200 steps (depth RMSE 0.96-1.01x the floor), so without a warm start arm (a) and (b) compare models that do
+not work. --init-steps 0 starts every arm from the UNet instead.
 
 Resumable: rerunning the command skips every finished segment and evaluation (an interrupted training segment
 resumes from its last checkpoint). Outputs: --work (default outputs/method_comparison) holds the runs;
@@ -46,15 +53,33 @@ ARMS = {
     "alignment": (0.0, 1.0),  # (c) + alignment loss over [0, 920] only
     "innercontrol": (0.5, 1.0),  # (d) + both: InnerControl
 }
-LABELS = {"plain": "(a) plain", "reward": "(b) + reward", "alignment": "(c) + alignment", "innercontrol": "(d) both"}
+INIT_SEED = 1000  # the warm start's seed: none of the arms' seeds
+LABELS = {
+    "plain": "(a) plain",
+    "reward": "(b) + reward",
+    "alignment": "(c) + alignment",
+    "innercontrol": "(d) both",
+    "start": "warm start",
+}
 PRESETS = {
-    # CPU sizes: 4 arms x 3 seeds x (300 steps + 4 evaluations of 48 prompts) in about 2 hours on 2 cores.
-    "cpu": dict(steps=300, eval_every=75, seeds=(0, 1, 2), eval_samples=48, readout_samples=8, num_images=640),
+    # CPU sizes: a 300-step warm start, then 4 arms x 3 seeds x (300 steps + 4 evaluations of 48 prompts): 58 min
+    # measured on 2 cores.
+    "cpu": dict(
+        init_steps=300, steps=300, eval_every=75, seeds=(0, 1, 2), eval_samples=48, readout_samples=8, num_images=640
+    ),
     "gpu": dict(
-        steps=2000, eval_every=250, seeds=(0, 1, 2, 3, 4), eval_samples=256, readout_samples=32, num_images=4000
+        init_steps=2000,
+        steps=2000,
+        eval_every=250,
+        seeds=(0, 1, 2, 3, 4),
+        eval_samples=256,
+        readout_samples=32,
+        num_images=4000,
     ),  # fmt: skip
     # The machinery only (tests): a couple of steps on whatever model the config names.
-    "smoke": dict(steps=2, eval_every=1, seeds=(0,), eval_samples=2, readout_samples=2, num_images=24, probe_steps=4),
+    "smoke": dict(
+        init_steps=1, steps=2, eval_every=1, seeds=(0,), eval_samples=2, readout_samples=2, num_images=24, probe_steps=4
+    ),
 }
 METRICS = (("rmse", "depth RMSE", -1), ("clip_score", "CLIP score", 1), ("fid", "FID (mini-CLIP features)", -1))
 
@@ -66,6 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the preset's)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: preset's)")
+    parser.add_argument(
+        "--init-steps", type=int, default=None, help="warm-start steps before the arms (default: preset's; 0: none)"
+    )
+    parser.add_argument(
+        "--init-arm", default="innercontrol", choices=sorted(ARMS), help="the warm start's objective (innercontrol)"
+    )
     parser.add_argument("--model", default="mini", choices=sorted(CONFIGS), help="mini (default) or tiny (tests)")
     parser.add_argument("--miniature", default=str(MINIATURE), help="the miniature's folder (default checkpoints/mini)")
     parser.add_argument("--work", default="outputs/method_comparison", help="runs and evaluations (resumable)")
@@ -87,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError:
         parser.error(f"--seeds takes comma-separated integers, got '{args.seeds}'")
     args.steps = args.steps or preset["steps"]
+    args.init_steps = preset["init_steps"] if args.init_steps is None else args.init_steps
+    if args.init_steps < 0:
+        parser.error("--init-steps must be 0 or more")
     args.eval_every = args.eval_every or preset["eval_every"]
     if args.steps < 1 or args.eval_every < 1:
         parser.error("--steps and --eval-every must be at least 1")
@@ -109,6 +143,33 @@ def metrics_done(folder: Path, wanted: list[str]) -> bool:
 def trained_steps(run_dir: Path) -> int:
     path = run_dir / "summary.json"
     return json.loads(path.read_text())["steps"] if path.is_file() else 0
+
+
+def init_spec(args) -> dict:
+    """What every arm starts from: recorded in each run, so a run from another start is never continued."""
+    return {"steps": args.init_steps, "arm": args.init_arm if args.init_steps else None, "seed": INIT_SEED}
+
+
+def init_folder(work: Path, init: dict) -> Path:
+    """The warm start's folder, named by what it is, so another --init-steps / --init-arm is another folder."""
+    return work / f"init_{init['arm']}_{init['steps']}"
+
+
+def check_same_start(run_dir: Path, init: dict) -> None:
+    recorded = run_dir / "init.json"
+    if recorded.is_file():
+        found = json.loads(recorded.read_text())
+    elif (run_dir / "checkpoints").is_dir() or trained_steps(run_dir):
+        found = {"steps": 0, "arm": None, "seed": INIT_SEED}  # trained before warm starts existed: from the UNet
+    else:
+        found = init
+    if found != init:
+        raise SystemExit(
+            f"error: {run_dir} started from {found}, this comparison starts from {init} (--init-steps / --init-arm); "
+            f"delete {run_dir} (or pick another --work) to rerun it"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(init))
 
 
 def run_all(args) -> None:
@@ -145,15 +206,35 @@ def run_all(args) -> None:
             ["innercontrol.evaluate", *common, f"eval.output_dir={work / 'floor_readout'}", "--controlnet", "none",
              "--probe", str(probe), "--probe-samples", str(preset["readout_samples"])])  # fmt: skip
 
+    run_settings = ["logging.resume=latest", "logging.validation_every=0", "logging.checkpoint_total_limit=1",
+                    "logging.report_to=none", "optim.lr_schedule=constant_with_warmup"]  # fmt: skip
+    init = init_spec(args)
+    start = []
+    if init["steps"]:
+        init_dir = init_folder(work, init)
+        reward, alignment = ARMS[args.init_arm]
+        if trained_steps(init_dir) < init["steps"]:
+            run(f"warm start: {args.init_arm}, seed {INIT_SEED}, {init['steps']} steps",
+                ["innercontrol.train", *common, *run_settings, f"seed={INIT_SEED}", f"loss.reward_weight={reward}",
+                 f"loss.alignment_weight={alignment}", f"logging.output_dir={init_dir}",
+                 f"logging.checkpoint_every={min(100, init['steps'])}", f"optim.max_steps={init['steps']}"])  # fmt: skip
+        if trained_steps(init_dir) != init["steps"]:
+            raise SystemExit(f"error: the warm start {init_dir} is at step {trained_steps(init_dir)}, not "
+                             f"{init['steps']}; delete {init_dir} and {work / 'runs'} to redo it")  # fmt: skip
+        if not metrics_done(init_dir / "eval", wanted):
+            run("warm start: evaluate", ["innercontrol.evaluate", *common, f"eval.output_dir={init_dir / 'eval'}",
+                                         "--controlnet", str(init_dir / "controlnet"), "--metrics", metric_arg])  # fmt: skip
+        start = [f"model.controlnet={init_dir / 'controlnet'}"]
+
     points = eval_points(args.steps, args.eval_every)
     for seed in args.seed_list:
         for arm in args.arm_names:
             reward, alignment = ARMS[arm]
             run_dir = work / "runs" / f"{arm}_seed{seed}"
-            train_args = [*common, f"seed={seed}", f"loss.reward_weight={reward}", f"loss.alignment_weight={alignment}",
-                          f"logging.output_dir={run_dir}", "logging.resume=latest", "logging.validation_every=0",
-                          f"logging.checkpoint_every={args.eval_every}", "logging.checkpoint_total_limit=1",
-                          "logging.report_to=none", "optim.lr_schedule=constant_with_warmup"]  # fmt: skip
+            check_same_start(run_dir, init)
+            train_args = [*common, *run_settings, *start, f"seed={seed}", f"loss.reward_weight={reward}",
+                          f"loss.alignment_weight={alignment}", f"logging.output_dir={run_dir}",
+                          f"logging.checkpoint_every={args.eval_every}"]  # fmt: skip
             for step in points:
                 eval_dir = run_dir / "eval" / f"step-{step:06d}"
                 if metrics_done(eval_dir, wanted):
@@ -241,7 +322,7 @@ def mean_std(values: list[float]) -> str:
     return f"{mean:.2f} +- {sd:.2f}" if not math.isnan(sd) else f"{mean:.2f}"
 
 
-def write_report(args, seconds: float | None = None) -> str:
+def write_report(args) -> str:
     work = Path(args.work)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -251,14 +332,25 @@ def write_report(args, seconds: float | None = None) -> str:
         json.loads((work / "floor" / "metrics.json").read_text()) if (work / "floor" / "metrics.json").is_file() else {}
     )
     arms = [a for a in ARMS if a in runs]
+    recorded = sorted((work / "runs").glob("*_seed*/init.json"))
+    init = json.loads(recorded[0].read_text()) if recorded else init_spec(args)
+    init_eval = init_folder(work, init) / "eval"
+    has_start = init["steps"] and metrics_done(init_eval, ["rmse"])
+    start = json.loads((init_eval / "metrics.json").read_text()) if has_start else {}
+    origin = (
+        f"a warm start ({init['steps']} steps of {LABELS[init['arm']]}'s objective from the UNet, seed {init['seed']})"
+        if init["steps"]
+        else "ControlNetModel.from_unet of the mini UNet"
+    )
     command = " ".join(["python bench/method_comparison.py", *(args.argv or [])])
+    made = json.loads((work / RUNS_MADE).read_text()) if (work / RUNS_MADE).is_file() else []
     lines = [
         "# Method comparison on the miniature",
         "",
-        f"Made by `{command}` on {platform.machine()} ({os.cpu_count()} CPUs, {platform.system()}), "
-        f"{time.strftime('%Y-%m-%d')}" + (f", {seconds / 60:.0f} min this run" if seconds else "") + ".",
+        *[f"Runs made by `{m['command']}` on {m['machine']}, {m['date']}, {m['seconds'] / 60:.0f} min." for m in made],
+        f"This report written by `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}.",
         f"Model `{shown(Path(args.miniature)) if args.model == 'mini' else 'tiny random weights'}`; every arm starts "
-        "from the same ControlNet (from the UNet) with the same seed, data order, timesteps and noise; only the "
+        f"from the same ControlNet, {origin}, with the same seed, data order, timesteps and noise; only the "
         "objective differs. Evaluation: the same held-out scenes, prompts and seeds for every arm.",
         "",
     ]
@@ -277,47 +369,61 @@ def write_report(args, seconds: float | None = None) -> str:
         + " | ".join("-" if floor.get(k) is None else f"{floor[k]:.2f}" for k, _, _ in METRICS)
         + " |",  # fmt: skip
     ]
+    if start:
+        lines.append("| warm start: every arm's step 0 | "
+                     + " | ".join("-" if start.get(k) is None else f"{start[k]:.2f}" for k, _, _ in METRICS) + " |")  # fmt: skip
     for arm in arms:
         cells = [mean_std([runs[arm][s][end][k] for s in runs[arm] if end in runs[arm][s] and k in runs[arm][s][end]])
                  for k, _, _ in METRICS]  # fmt: skip
         lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
     if floor.get("real_images_rmse") is not None:
         lines.append(f"| ceiling: real scenes | {floor['real_images_rmse']:.2f} | - | - |")
-    lines += ["", "Paired per-prompt differences of depth RMSE at the final step (arm minus reference; per prompt, "
-              "averaged over seeds; 95% t interval over prompts). An interval that contains 0 is a tie.", "",
-              "| arm | vs | mean difference | 95% interval | verdict |", "| --- | --- | ---: | --- | --- |"]  # fmt: skip
-    verdicts = []
-    for ref in ("plain", "reward"):
-        if ref not in arms:
-            continue
-        for arm in [a for a in arms if a != ref]:
-            common_seeds = [s for s in runs[arm] if s in runs[ref]]
-            per_prompt: dict[int, list[float]] = {}
-            for s in common_seeds:
-                a = per_sample(work / "runs" / f"{arm}_seed{s}" / "eval" / f"step-{end:06d}", "rmse")
-                b = per_sample(work / "runs" / f"{ref}_seed{s}" / "eval" / f"step-{end:06d}", "rmse")
-                for i in a.keys() & b.keys():
-                    per_prompt.setdefault(i, []).append(a[i] - b[i])
-            diffs = [sum(v) / len(v) for v in per_prompt.values()]
-            if not diffs:
+    verdicts = []  # (metric, arm, reference, verdict)
+    for key, label, sign in METRICS[:2]:  # per-prompt metrics: depth RMSE (lower is better), CLIP score (higher)
+        lines += ["", f"Paired per-prompt differences of {label} at the final step (arm minus reference; per prompt, "
+                  "averaged over seeds; 95% t interval over prompts). An interval that contains 0 is a tie.", "",
+                  "| arm | vs | mean difference | 95% interval | verdict |", "| --- | --- | ---: | --- | --- |"]  # fmt: skip
+        for ref in ("plain", "reward", "start"):
+            if ref not in arms and not (ref == "start" and start):
                 continue
-            mean, half = paired_interval(diffs)
-            if math.isnan(half):
-                verdict = "one prompt: no interval"
-            elif mean - half > 0:
-                verdict = f"{LABELS[arm]} worse"
-            elif mean + half < 0:
-                verdict = f"{LABELS[arm]} better"
-            else:
-                verdict = "tie"
-            verdicts.append((arm, ref, verdict))
-            lines.append(f"| {LABELS[arm]} | {LABELS[ref]} | {mean:+.2f} | [{mean - half:+.2f}, {mean + half:+.2f}] | "
-                         f"{verdict} |")  # fmt: skip
+            for arm in [a for a in arms if a != ref]:
+                per_prompt: dict[int, list[float]] = {}
+                for s in [s for s in runs[arm] if ref == "start" or s in runs[ref]]:
+                    a = per_sample(work / "runs" / f"{arm}_seed{s}" / "eval" / f"step-{end:06d}", key)
+                    ref_dir = (
+                        init_eval if ref == "start" else work / "runs" / f"{ref}_seed{s}" / "eval" / f"step-{end:06d}"
+                    )
+                    b = per_sample(ref_dir, key)
+                    for i in a.keys() & b.keys():
+                        per_prompt.setdefault(i, []).append(a[i] - b[i])
+                diffs = [sum(v) / len(v) for v in per_prompt.values()]
+                if not diffs:
+                    continue
+                mean, half = paired_interval(diffs)
+                if math.isnan(half):
+                    verdict = "one prompt: no interval"
+                elif mean - half > 0 or mean + half < 0:  # outside the interval: better or worse by the sign
+                    verdict = f"{LABELS[arm]} {'better' if (mean > 0) == (sign > 0) else 'worse'}"
+                else:
+                    verdict = "tie"
+                verdicts.append((label, arm, ref, verdict))
+                lines.append(f"| {LABELS[arm]} | {LABELS[ref]} | {mean:+.2f} | [{mean - half:+.2f}, "
+                             f"{mean + half:+.2f}] | {verdict} |")  # fmt: skip
     lines += ["", "## What the numbers support", ""]
     lines += interpretation(runs, arms, end, floor, verdicts, len(seeds))
-    curves, readout = plot_curves(runs, arms, floor, out), plot_readout(work, arms, out)
+    if init["steps"]:
+        lines.append(
+            f"- The warm start was trained with {LABELS[init['arm']]}'s objective: the arms with that objective "
+            "continue their own training, the others switch objective at step 0. A warm start trained with another "
+            "objective (--init-arm) tests whether the ranking depends on it; a warm start trained with the diffusion "
+            "loss alone, as the paper's ControlNet v1.1 was, does not learn the control on this miniature within "
+            "1200 steps (README, demo section)."
+        )
+    curves, readout = plot_curves(runs, arms, floor, start, out), plot_readout(work, arms, out)
     lines += ["", f"Controllability vs training step: `{curves.name}`; probe readout across sampling steps: "
-              f"`{readout.name if readout else '-'}`.", ""]  # fmt: skip
+              f"`{readout.name if readout else '-'}`. The readout's probe is the one the alignment arms are trained "
+              "against, so their lower readout error is partly by construction; the depth RMSE (a separate depth "
+              "model on the decoded images) is the measure that does not favour them.", ""]  # fmt: skip
     text = "\n".join(lines) + "\n"
     (out / "METHODS.md").write_text(text)
     return text
@@ -332,15 +438,17 @@ def interpretation(runs, arms, end, floor, verdicts, num_seeds) -> list[str]:
             state = "below" if worst < floor["rmse"] else "NOT below"
             lines.append(f"- {LABELS[arm]}: every seed's depth RMSE ({', '.join(f'{v:.2f}' for v in values)}) is "
                          f"{state} the floor ({floor['rmse']:.2f}).")  # fmt: skip
-    better = [f"{LABELS[a]} over {LABELS[r]}" for a, r, v in verdicts if v.endswith("better")]
-    worse = [f"{LABELS[a]} against {LABELS[r]}" for a, r, v in verdicts if v.endswith("worse")]
-    ties = [f"{LABELS[a]} vs {LABELS[r]}" for a, r, v in verdicts if v == "tie"]
-    if better:
-        lines.append("- Better in depth RMSE, outside the interval: " + "; ".join(better) + ".")
-    if worse:
-        lines.append("- Worse in depth RMSE, outside the interval: " + "; ".join(worse) + ".")
-    if ties:
-        lines.append("- Ties (the interval contains 0): " + "; ".join(ties) + ".")
+    for metric in dict.fromkeys(m for m, _, _, _ in verdicts):
+        mine = [(a, r, v) for m, a, r, v in verdicts if m == metric]
+        better = [f"{LABELS[a]} over {LABELS[r]}" for a, r, v in mine if v.endswith("better")]
+        worse = [f"{LABELS[a]} against {LABELS[r]}" for a, r, v in mine if v.endswith("worse")]
+        ties = [f"{LABELS[a]} vs {LABELS[r]}" for a, r, v in mine if v == "tie"]
+        if better:
+            lines.append(f"- {metric}: better, outside the interval: " + "; ".join(better) + ".")
+        if worse:
+            lines.append(f"- {metric}: worse, outside the interval: " + "; ".join(worse) + ".")
+        if ties:
+            lines.append(f"- {metric}: ties (the interval contains 0): " + "; ".join(ties) + ".")
     lines.append(
         f"- {num_seeds} seed(s), one miniature, one condition (depth), one training length: the paired intervals "
         "cover prompt-to-prompt variation at this endpoint, not the variation across seeds or longer training; "
@@ -349,7 +457,7 @@ def interpretation(runs, arms, end, floor, verdicts, num_seeds) -> list[str]:
     return lines
 
 
-def plot_curves(runs, arms, floor, out: Path) -> Path:
+def plot_curves(runs, arms, floor, start, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -367,6 +475,8 @@ def plot_curves(runs, arms, floor, out: Path) -> Path:
                 mean, sd = mean_sd(values)
                 means.append(mean)
                 sds.append(0.0 if math.isnan(sd) else sd)  # one seed: no band
+            if start.get(key) is not None:  # step 0: the warm start every arm begins from
+                steps, means, sds = [0, *steps], [start[key], *means], [0.0, *sds]
             ax.plot(steps, means, marker="o", label=LABELS[arm])
             ax.fill_between(steps, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)], alpha=0.15)
         if floor.get(key) is not None:
@@ -427,13 +537,25 @@ def plot_readout(work: Path, arms, out: Path) -> Path | None:
     return path
 
 
+RUNS_MADE = "runs_made.json"  # in --work: which command ran there, on which machine, for how long
+
+
+def machine() -> str:
+    return f"{platform.machine()} ({os.cpu_count()} CPUs, {platform.system()})"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     start = time.time()
     if not args.report_only:
         run_all(args)
-    text = write_report(args, None if args.report_only else time.time() - start)
+        record = Path(args.work) / RUNS_MADE
+        made = json.loads(record.read_text()) if record.is_file() else []
+        made.append({"command": " ".join(["python bench/method_comparison.py", *args.argv]), "machine": machine(),
+                     "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - start)})  # fmt: skip
+        record.write_text(json.dumps(made, indent=1))
+    text = write_report(args)
     print(text)
     print(f"written: {Path(args.out) / 'METHODS.md'}")
 

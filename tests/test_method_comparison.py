@@ -3,6 +3,7 @@
 
 import csv
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -44,11 +45,19 @@ def test_two_arms_end_to_end_resumable_with_paired_differences(tiny_dir, tmp_pat
     mc.main(argv)
     first = capsys.readouterr().out
     assert "plain, seed 0: train to step 1" in first and "innercontrol, seed 0: evaluate step 2" in first
+    # Every arm starts from the one warm start (seed 1000, the smoke preset's single step), recorded in each run.
+    assert "warm start: innercontrol, seed 1000, 1 steps" in first and "warm start: evaluate" in first
+    start = {"steps": 1, "arm": "innercontrol", "seed": 1000}
+    assert json.loads((work / "runs" / "plain_seed0" / "init.json").read_text()) == start
+    assert (
+        str(work / "init_innercontrol_1" / "controlnet") in (work / "runs" / "plain_seed0" / "config.yaml").read_text()
+    )
 
     runs = mc.collect(work)
     assert sorted(runs) == ["innercontrol", "plain"] and sorted(runs["plain"][0]) == [1, 2]
     report = (out / "METHODS.md").read_text()
     assert "| (a) plain |" in report and "| (d) both |" in report and "| floor: base, no ControlNet |" in report
+    assert "| warm start: every arm's step 0 |" in report and "| (d) both | warm start |" in report
     assert (out / "method_curves.png").is_file() and (out / "method_readout.png").is_file()
     for arm in ("plain", "innercontrol"):
         assert (work / "runs" / f"{arm}_seed0" / "readout" / "probe_readout.csv").is_file()
@@ -73,3 +82,7 @@ def test_two_arms_end_to_end_resumable_with_paired_differences(tiny_dir, tmp_pat
     # Rerunning runs nothing: every segment, evaluation and readout is on disk.
     mc.main(argv)
     assert "===" not in capsys.readouterr().out
+
+    # A comparison from another start never continues these runs.
+    with pytest.raises(SystemExit, match="started from"):
+        mc.main([*argv, "--init-steps", "0"])
