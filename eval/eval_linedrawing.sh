@@ -3,7 +3,8 @@
 #
 #   eval/eval_linedrawing.sh CONTROLNET [key=value ...]
 #
-# CONTROLNET: hub id or local folder. Overrides go to the config, e.g. model.pretrained_model=DIR eval.dataset=DIR
+# CONTROLNET: hub id or local folder (a T2I-Adapter with eval.model_kind=t2i_adapter).
+# Overrides go to the config, e.g. model.pretrained_model=DIR eval.dataset=DIR
 # eval.output_dir=DIR eval.guidance_scale=3.0. Scripts sharing eval.output_dir reuse each other's images.
 # Environment: METRICS (default control; comma-separated: control,clip,fid or all).
 # NUM_PROCESSES (default: one per visible GPU), ACCELERATE_CONFIG (default eval/config.yml), MAIN_PORT.

@@ -191,6 +191,16 @@ class EvalConfig:
     # FID's features: "inception" (clean-fid, the published protocol) or "clip" (eval.clip_model's image embeddings;
     # the miniature's only meaningful features offline, not comparable with any published FID).
     fid_features: str = "inception"
+    # What --controlnet names: a ControlNet ("controlnet") or a T2I-Adapter ("t2i_adapter", e.g.
+    # TencentARC/t2iadapter_depth_sd15v2): the published evaluation's baseline kinds on the same prompts and seeds.
+    model_kind: str = "controlnet"
+    # Sampler: "auto" = the published one per kind (UniPC for ControlNets, Euler ancestral for T2I-Adapters).
+    scheduler: str = "auto"
+    # T2I-Adapter strength; null = the published setting (0.5 for the line-art adapter, 1.0 otherwise).
+    adapter_conditioning_scale: Optional[float] = None
+    # A VAE that replaces the base model's in evaluation (hub id or folder): the published SDXL evaluation decodes
+    # with madebyollin/sdxl-vae-fp16-fix (SDXL's own VAE overflows in fp16); null = the base model's VAE.
+    vae: Optional[str] = None
 
 
 @dataclass
@@ -432,6 +442,10 @@ RANGES: dict[str, Range] = {
     "eval.clip_model": NOT_EMPTY,
     "eval.inception_weights": optional(NOT_EMPTY),
     "eval.fid_features": one_of("inception", "clip"),
+    "eval.model_kind": one_of("controlnet", "t2i_adapter"),
+    "eval.scheduler": one_of("auto", "unipc", "euler_ancestral"),
+    "eval.adapter_conditioning_scale": optional(at_least(0)),
+    "eval.vae": optional(NOT_EMPTY),
 }
 
 

@@ -12,6 +12,9 @@
     accelerate launch -m innercontrol.evaluate --config configs/depth.yaml --controlnet DIR --probe checkpoints/probes/depth
     # the floor: the base model alone (no ControlNet) on the same prompts, controls and seeds
     python -m innercontrol.evaluate --config configs/mini.yaml --controlnet none eval.output_dir=outputs/eval_floor
+    # a T2I-Adapter baseline (published settings: Euler ancestral sampler; line-art adapter at scale 0.5)
+    accelerate launch -m innercontrol.evaluate --config configs/depth.yaml --controlnet TencentARC/t2iadapter_depth_sd15v2 \\
+        eval.model_kind=t2i_adapter eval.output_dir=outputs/eval_t2i_depth
     # CPU-sized and offline (after `python -m innercontrol.demo`); FID needs eval.inception_weights=FILE offline:
     python -m innercontrol.evaluate --config configs/tiny.yaml --controlnet outputs/demo/tiny/controlnet \\
         --metrics control,clip
@@ -50,7 +53,7 @@ from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.distributed import finish
 from innercontrol.fingerprint import changed_settings, content_digest, normalized_path
 from innercontrol.hub import resolve_model
-from innercontrol.models import controlnet_folder, stable_diffusion_folder
+from innercontrol.models import controlnet_folder, model_family, stable_diffusion_folder
 from innercontrol.report import (
     GRID_ROWS,
     image_path,
@@ -108,6 +111,24 @@ def eval_set_fingerprint(cfg) -> dict:
     return {**fingerprint, "dataset": normalized_path(fingerprint["dataset"])}
 
 
+def is_adapter(cfg) -> bool:
+    return cfg.eval.model_kind == "t2i_adapter"
+
+
+def scheduler_name(cfg) -> str:
+    """eval.scheduler, with "auto" resolved to the published evaluation's sampler for the model kind."""
+    if cfg.eval.scheduler != "auto":
+        return cfg.eval.scheduler
+    return "euler_ancestral" if is_adapter(cfg) else "unipc"
+
+
+def adapter_scale(cfg) -> float:
+    """eval.adapter_conditioning_scale, with null resolved to the published setting (0.5 for line art)."""
+    if cfg.eval.adapter_conditioning_scale is not None:
+        return float(cfg.eval.adapter_conditioning_scale)
+    return 0.5 if cfg.condition.name == "lineart" else 1.0
+
+
 def generation_fingerprint(cfg, controlnet: str, dtype: torch.dtype) -> dict:
     """The settings behind the generated images; the models by the sha256 of their files, so retrained weights in
     the same folder are a different setting (content_digest hashes each file once per process)."""
@@ -119,6 +140,10 @@ def generation_fingerprint(cfg, controlnet: str, dtype: torch.dtype) -> dict:
         "controlnet_sha256": NO_CONTROLNET if is_floor(controlnet) else content_digest(resolve_controlnet(controlnet)),
         "variant": cfg.model.variant,
         "dtype": str(dtype).replace("torch.", ""),
+        "model_kind": NO_CONTROLNET if is_floor(controlnet) else cfg.eval.model_kind,
+        "scheduler": scheduler_name(cfg),
+        "adapter_conditioning_scale": adapter_scale(cfg) if is_adapter(cfg) and not is_floor(controlnet) else None,
+        "vae_sha256": content_digest(resolve_model(cfg.eval.vae, "VAE", "eval.vae")) if cfg.eval.vae else None,
         **{key: cfg.eval[key] for key in keys},
     }
 
@@ -126,6 +151,9 @@ def generation_fingerprint(cfg, controlnet: str, dtype: torch.dtype) -> dict:
 def check_fingerprint(path: Path, expected: dict, what: str) -> None:
     """Refuse to mix outputs of different settings in one folder (resuming must continue the same evaluation)."""
     found = json.loads(path.read_text())
+    if "model_kind" not in found:  # written before T2I-Adapters: a ControlNet (or none) sampled with UniPC
+        found.update(model_kind=found.get("controlnet") if found.get("controlnet") == NO_CONTROLNET else "controlnet",
+                     scheduler="unipc", adapter_conditioning_scale=None, vae_sha256=None)  # fmt: skip
     found = {k: normalized_path(found.get(k)) if k in PATH_KEYS else found.get(k) for k in expected}
     changed = changed_settings(found, expected, [k for k in expected if k not in LOCATION_KEYS])
     if changed:
@@ -210,36 +238,57 @@ def pipeline_dtype(cfg, device: torch.device) -> torch.dtype:
     return precision_dtype(cfg.eval.mixed_precision)
 
 
-def load_pipeline(cfg, controlnet: str, device: torch.device, dtype: torch.dtype):
-    """StableDiffusionControlNetPipeline (model.pretrained_model + the ControlNet) with the UniPC scheduler; the plain
-    StableDiffusionPipeline for --controlnet none."""
-    from diffusers import (
-        ControlNetModel,
-        StableDiffusionControlNetPipeline,
-        StableDiffusionPipeline,
-        UniPCMultistepScheduler,
-    )
+SCHEDULERS = {"unipc": "UniPCMultistepScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler"}
+# (base model family, what --controlnet names) -> the diffusers pipeline that generates with them.
+PIPELINES = {
+    ("sd15", NO_CONTROLNET): "StableDiffusionPipeline",
+    ("sd15", "controlnet"): "StableDiffusionControlNetPipeline",
+    ("sd15", "t2i_adapter"): "StableDiffusionAdapterPipeline",
+    ("sdxl", NO_CONTROLNET): "StableDiffusionXLPipeline",
+    ("sdxl", "controlnet"): "StableDiffusionXLControlNetPipeline",
+    ("sdxl", "t2i_adapter"): "StableDiffusionXLAdapterPipeline",
+}
 
-    if is_floor(controlnet):
-        pipeline_class, parts = StableDiffusionPipeline, {}
+
+def load_pipeline(cfg, controlnet: str, device: torch.device, dtype: torch.dtype):
+    """The pipeline of the base model's family (SD1.5 or SDXL, from model.pretrained_model's model_index.json) for
+    the ControlNet, the T2I-Adapter (eval.model_kind=t2i_adapter; --controlnet names it) or nothing (--controlnet
+    none), see PIPELINES; eval.vae replaces the base model's VAE (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix);
+    with eval.scheduler (auto: UniPC for ControlNets, Euler ancestral for T2I-Adapters)."""
+    import diffusers
+    from diffusers import AutoencoderKL, ControlNetModel, T2IAdapter
+
+    folder = stable_diffusion_folder(cfg.model.pretrained_model)
+    family = model_family(folder)
+    kind = NO_CONTROLNET if is_floor(controlnet) else cfg.eval.model_kind
+    parts = {}
+    if kind == "t2i_adapter":
+        parts["adapter"] = T2IAdapter.from_pretrained(resolve_controlnet(controlnet), torch_dtype=dtype)
+    elif kind == "controlnet":
+        parts["controlnet"] = ControlNetModel.from_pretrained(resolve_controlnet(controlnet), torch_dtype=dtype)
+    if cfg.eval.vae:
+        vae_folder = resolve_model(cfg.eval.vae, "VAE", "eval.vae")
+        parts["vae"] = AutoencoderKL.from_pretrained(vae_folder, torch_dtype=dtype)
+    if family == "sdxl" and kind != "t2i_adapter":  # (the SDXL adapter pipeline never watermarks)
+        parts["add_watermarker"] = False  # the published evaluation scores unwatermarked images
     else:
-        net = ControlNetModel.from_pretrained(resolve_controlnet(controlnet), torch_dtype=dtype)
-        pipeline_class, parts = StableDiffusionControlNetPipeline, {"controlnet": net}
-    pipe = pipeline_class.from_pretrained(
-        stable_diffusion_folder(cfg.model.pretrained_model),
-        **parts,
-        safety_checker=None,
-        requires_safety_checker=False,
-        variant=cfg.model.variant,
-        torch_dtype=dtype,
-    )
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+        parts.update(safety_checker=None, requires_safety_checker=False)
+    pipeline_class = getattr(diffusers, PIPELINES[family, kind])
+    pipe = pipeline_class.from_pretrained(folder, **parts, variant=cfg.model.variant, torch_dtype=dtype)
+    scheduler_class = getattr(diffusers, SCHEDULERS[scheduler_name(cfg)])
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def control_input(pipe, controls: torch.Tensor) -> dict:
-    """The pipeline's control argument: the controls for a ControlNet pipeline, nothing for the base alone."""
+def control_input(cfg, pipe, controls: torch.Tensor) -> dict:
+    """The pipeline's control arguments: the controls for a ControlNet pipeline; for a T2I-Adapter pipeline the
+    controls (one channel for a one-channel adapter, e.g. sketch / line art) and the conditioning scale; nothing for
+    the base alone."""
+    if hasattr(pipe, "adapter"):
+        if pipe.adapter.config.in_channels == 1:
+            controls = controls[:, :1]  # the saved control maps are grayscale stored as RGB
+        return {"image": controls, "adapter_conditioning_scale": adapter_scale(cfg)}
     return {"image": controls} if hasattr(pipe, "controlnet") else {}
 
 
@@ -261,7 +310,7 @@ def generate(cfg, pipe, out: Path, samples: list[dict], todo: list[tuple[int, in
         controls = load_images([out / "controls" / f"{i}.png" for i, _ in padded])
         images = pipe(
             prompt=[samples[i]["caption"] for i, _ in padded],
-            **control_input(pipe, controls),
+            **control_input(cfg, pipe, controls),
             negative_prompt=[e.negative_prompt] * len(padded),
             num_inference_steps=e.num_inference_steps,
             guidance_scale=e.guidance_scale,
@@ -545,6 +594,15 @@ def probe_readout(cfg, controlnet: str, probe_path: str, num_samples: int = 8, a
     from innercontrol.probes import load_probe
     from innercontrol.readout import ProbeReadout
 
+    if is_adapter(cfg) and not is_floor(controlnet):
+        raise ConfigError(
+            "the probe readout runs on ControlNets and on the base alone (--controlnet none), not on T2I-Adapters "
+            "(eval.model_kind=t2i_adapter): drop --probe or evaluate a ControlNet"
+        )
+    if model_family(stable_diffusion_folder(cfg.model.pretrained_model)) != "sd15":
+        raise ConfigError(
+            "the probe readout taps SD1.5's decoder; SDXL's taps are not implemented yet (issue 17): drop --probe"
+        )
     accelerator = accelerator or make_accelerator()
     out = Path(cfg.eval.output_dir)
     if accelerator.is_main_process:
@@ -577,7 +635,7 @@ def probe_readout(cfg, controlnet: str, probe_path: str, num_samples: int = 8, a
             readout = ProbeReadout(probe, features, batch_size=len(chunk))
             pipe(
                 prompt=[samples[i]["caption"] for i in chunk],
-                **control_input(pipe, controls),
+                **control_input(cfg, pipe, controls),
                 negative_prompt=[e.negative_prompt] * len(chunk),
                 num_inference_steps=e.num_inference_steps,
                 guidance_scale=e.guidance_scale,
@@ -628,7 +686,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--controlnet",
         default=None,
         help="ControlNet to evaluate: hub id or local folder (default: model.controlnet); 'none' evaluates the base "
-        "model alone on the same prompts, controls and seeds (the floor)",
+        "model alone on the same prompts, controls and seeds (the floor); with eval.model_kind=t2i_adapter, the "
+        "T2I-Adapter to evaluate",
     )
     # what to compute
     parser.add_argument(

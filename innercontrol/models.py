@@ -54,6 +54,14 @@ def stable_diffusion_folder(name_or_path: str, config_key: str = "model.pretrain
     return folder
 
 
+def model_family(folder: str) -> str:
+    """ "sdxl" for an SDXL pipeline folder (its model_index.json names an XL pipeline class), else "sd15"."""
+    import json
+
+    index = json.loads(open(os.path.join(folder, "model_index.json")).read())
+    return "sdxl" if "XL" in index.get("_class_name", "") else "sd15"
+
+
 def controlnet_folder(name_or_path: str, config_key: str = "model.controlnet") -> str:
     """The local folder of a ControlNet: a ControlNet folder, a training output holding controlnet/, or a hub id."""
     folder = resolve_model(name_or_path, "ControlNet", config_key)
@@ -86,6 +94,14 @@ def load_stable_diffusion(model_cfg) -> StableDiffusionParts:
 
     key = "model.pretrained_model"
     folder = stable_diffusion_folder(model_cfg.pretrained_model, key)
+    if model_family(folder) != "sd15":
+        from innercontrol.config import ConfigError
+
+        raise ConfigError(
+            f"{key} '{model_cfg.pretrained_model}' is an SDXL pipeline: training and probe pretraining support SD1.5-"
+            "shaped models only so far (SDXL training is issue 17); evaluation (python -m innercontrol.evaluate) "
+            "supports SDXL ControlNets and T2I-Adapters"
+        )
     common = dict(revision=model_cfg.revision)
     tokenizer = _from_pretrained(CLIPTokenizer, folder, key, "tokenizer", **common)
     if len(tokenizer) <= 2:  # transformers builds a tokenizer of only the special tokens from unreadable files

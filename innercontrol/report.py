@@ -70,6 +70,10 @@ PUBLISHED = {
             "ControlNet++": (28.32, 16.66, 32.09),
             "Ctrl-U": (29.06, 19.73, 31.88),
             "InnerControl": (26.09, 18.29, 31.97),
+            # The other baseline kinds of the paper's table (depth RMSE only; DESIGN section 7).
+            "T2I-Adapter (SD1.5)": (48.40, None, None),
+            "SDXL ControlNet": (40.00, None, None),
+            "SDXL T2I-Adapter": (39.75, None, None),
         },
         3.0: {"InnerControl": (25.10, 14.67, 31.18)},
     },
@@ -139,12 +143,17 @@ def report_markdown(cfg, results: dict) -> str:
     metric = {"depth": "rmse", "hed": "ms_ssim", "lineart": "ms_ssim", "canny": "f1"}.get(condition)
     header = {"rmse": "RMSE (lower is better)", "ms_ssim": "SSIM* (higher is better)", "f1": "F1 (higher is better)"}
     digits = 2 if metric == "rmse" else 4
+    settings = results["settings"]
+    kind = "T2I-Adapter" if settings.get("model_kind") == "t2i_adapter" else "ControlNet"
+    sampler = {"euler_ancestral": "Euler ancestral"}.get(settings.get("scheduler"), "UniPC")
+    if settings.get("adapter_conditioning_scale") is not None:
+        kind += f" (conditioning scale {settings['adapter_conditioning_scale']:g})"
     lines = [
         f"# Evaluation: {condition}, guidance {guidance:g}",
         "",
-        f"ControlNet `{results['settings']['controlnet']}` on `{results['settings']['pretrained_model']}`; "
+        f"{kind} `{settings['controlnet']}` on `{settings['pretrained_model']}`; "
         f"eval set `{cfg.eval.dataset}` ({cfg.eval.split}), {results['num_samples']} prompts x "
-        f"{cfg.eval.images_per_prompt} images, {cfg.eval.resolution} px, {cfg.eval.num_inference_steps} UniPC steps, "
+        f"{cfg.eval.images_per_prompt} images, {cfg.eval.resolution} px, {cfg.eval.num_inference_steps} {sampler} steps, "
         f"seed {cfg.eval.seed}.",
         "",
     ]

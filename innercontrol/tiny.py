@@ -1,12 +1,14 @@
 """Offline tiny Stable-Diffusion-1.5-shaped pipeline, written in the hub layout.
 
     python -m innercontrol.tiny --out checkpoints/tiny
+    python -m innercontrol.tiny --out checkpoints/tiny_sdxl --family sdxl   # SDXL block layout, two text encoders
 
 The folder loads wherever a model name goes (model.pretrained_model=checkpoints/tiny,
 model.controlnet=checkpoints/tiny/controlnet) and with StableDiffusionControlNetPipeline.from_pretrained.
 The UNet has SD1.5's block layout (4 levels, cross-attention in 3 decoder levels, 2 layers per block),
 so the probe taps exist as in SD1.5 (9 attention taps, 12 ResNet taps), with tiny widths.
-Also writes clip/ (a tiny CLIPModel for CLIP-score tests) and the marker tiny_random_weights.json, by which
+Also writes clip/ (a tiny CLIPModel for CLIP-score tests), dpt/ (a tiny depth model), t2i_adapter/ (a tiny
+T2IAdapter for the T2I-Adapter evaluation) and the marker tiny_random_weights.json, by which
 evaluation reports label results of these random weights. Same command, same weights.
 """
 
@@ -33,6 +35,28 @@ UNET_CONFIG = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=32,
     attention_head_dim=8,
+    norm_num_groups=8,
+)
+
+# SDXL's UNet block layout with tiny widths: 3 levels (no attention in the first), deeper transformers further down
+# (SDXL: 1 / 2 / 10 layers; here 1 / 1 / 2), linear projections, and the "text_time" added conditioning (pooled text
+# embedding of the second text encoder + 6 size / crop numbers, each embedded in addition_time_embed_dim).
+SDXL_TEXT_DIM = 32  # hidden size of each tiny text encoder (SDXL: 768 and 1280); the UNet sees both concatenated
+SDXL_UNET_CONFIG = dict(
+    sample_size=TINY_RESOLUTION // 8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(16, 32, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 8),
+    use_linear_projection=True,
+    cross_attention_dim=2 * SDXL_TEXT_DIM,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + SDXL_TEXT_DIM,  # 6 time ids x 8 + the pooled text embedding
     norm_num_groups=8,
 )
 
@@ -130,27 +154,32 @@ def calibrate_vae(vae):
     return vae
 
 
+def _unet_and_controlnet(unet_config: dict, seed: int):
+    """A random UNet (seed) and its ControlNet (seed + 1) with small random output convolutions: from_unet
+    zero-initialises them, and the tiny ControlNet should affect generation from the start, as a pretrained one does."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config)
+    torch.manual_seed(seed + 1)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0.0, 0.02)
+    return unet, controlnet
+
+
 def build_tiny_pipeline():
     """The tiny StableDiffusionControlNetPipeline, seeded so every build has the same weights."""
     from diffusers import (
         AutoencoderKL,
-        ControlNetModel,
         PNDMScheduler,
         StableDiffusionControlNetPipeline,
-        UNet2DConditionModel,
     )
     from transformers import CLIPTextModel
 
     tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
-    torch.manual_seed(1)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
-    # from_unet zero-initialises the output convolutions; give them small random values so the tiny
-    # ControlNet has an effect on generation from the start (as a pretrained ControlNet would).
-    with torch.no_grad():
-        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
-            conv.weight.normal_(0.0, 0.02)
+    unet, controlnet = _unet_and_controlnet(UNET_CONFIG, seed=0)
     torch.manual_seed(2)
     vae = calibrate_vae(AutoencoderKL(**VAE_CONFIG))
     torch.manual_seed(3)
@@ -167,6 +196,64 @@ def build_tiny_pipeline():
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def build_tiny_adapter():
+    """A tiny T2IAdapter (full_adapter) for the tiny UNet: one feature map per down block, channels matching."""
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(6)
+    return T2IAdapter(
+        in_channels=3,
+        channels=list(UNET_CONFIG["block_out_channels"]),
+        num_res_blocks=1,
+        downscale_factor=8,
+        adapter_type="full_adapter",
+    )
+
+
+def build_tiny_sdxl():
+    """The tiny StableDiffusionXLControlNetPipeline (two text encoders, the second with a projection for the pooled
+    embedding) and a tiny SDXL T2IAdapter (full_adapter_xl: features at 1/16 and 1/32 of the image, as SDXL's down
+    blocks 2-3 and mid block see them), seeded so every build has the same weights."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLControlNetPipeline,
+        T2IAdapter,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_tokenizer()
+    unet, controlnet = _unet_and_controlnet(SDXL_UNET_CONFIG, seed=10)
+    torch.manual_seed(12)
+    vae = calibrate_vae(AutoencoderKL(**VAE_CONFIG))
+    torch.manual_seed(13)
+    text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
+    torch.manual_seed(14)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer)))
+    pipe = StableDiffusionXLControlNetPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_tokenizer(),
+        unet=unet,
+        controlnet=controlnet,
+        scheduler=EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    torch.manual_seed(15)
+    channels = SDXL_UNET_CONFIG["block_out_channels"]
+    adapter = T2IAdapter(
+        in_channels=3,
+        channels=[*channels, channels[-1]],
+        num_res_blocks=1,
+        downscale_factor=16,
+        adapter_type="full_adapter_xl",
+    )
+    return pipe, adapter
 
 
 def build_tiny_clip():
@@ -218,17 +305,37 @@ def build_tiny_dpt():
 
 
 def write_tiny(out: str | os.PathLike) -> Path:
-    """Write the tiny pipeline to `out` (hub layout) and the tiny CLIP to `out/clip`; returns `out`."""
+    """Write the tiny pipeline to `out` (hub layout), the tiny CLIP to `out/clip`, the tiny depth model to `out/dpt` and
+    a tiny T2I-Adapter to `out/t2i_adapter`; returns `out`."""
     out = Path(out)
     build_tiny_pipeline().save_pretrained(out, safe_serialization=True)
+    build_tiny_adapter().save_pretrained(out / "t2i_adapter", safe_serialization=True)
+    return _write_evaluators(
+        out, "innercontrol.tiny: random weights; numbers made with them test the machinery, not SD1.5"
+    )
+
+
+def _write_evaluators(out: Path, note: str) -> Path:
+    """The tiny CLIP (out/clip), the tiny depth model (out/dpt) and the random-weights marker with `note`."""
     model, processor = build_tiny_clip()
     model.save_pretrained(out / "clip", safe_serialization=True)
     processor.save_pretrained(out / "clip")
     for part in build_tiny_dpt():
         part.save_pretrained(out / "dpt")
-    note = "innercontrol.tiny: random weights; numbers made with them test the machinery, not SD1.5"
     (out / TINY_MARKER).write_text(json.dumps({"random_weights": True, "note": note}) + "\n")
     return out
+
+
+def write_tiny_sdxl(out: str | os.PathLike) -> Path:
+    """Write the tiny SDXL pipeline to `out` (hub layout, with controlnet/), a tiny SDXL T2I-Adapter to
+    `out/t2i_adapter`, and the tiny CLIP and depth models as write_tiny does; returns `out`."""
+    out = Path(out)
+    pipe, adapter = build_tiny_sdxl()
+    pipe.save_pretrained(out, safe_serialization=True)
+    adapter.save_pretrained(out / "t2i_adapter", safe_serialization=True)
+    return _write_evaluators(
+        out, "innercontrol.tiny --family sdxl: random weights; numbers made with them test the machinery, not SDXL"
+    )
 
 
 def is_tiny(model_path) -> bool:
@@ -239,8 +346,11 @@ def is_tiny(model_path) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write the tiny pipeline to (created)")
+    parser.add_argument(
+        "--family", default="sd15", choices=("sd15", "sdxl"), help="SD1.5's block layout (default) or SDXL's"
+    )
     args = parser.parse_args(argv)
-    out = write_tiny(args.out)
+    out = write_tiny(args.out) if args.family == "sd15" else write_tiny_sdxl(args.out)
     print(f"tiny pipeline written to {out} (use model.pretrained_model={out})")
 
 

@@ -28,3 +28,12 @@ def fresh_accelerate_state():
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """Folder holding the tiny SDXL pipeline, its ControlNet and T2I-Adapter (python -m innercontrol.tiny --family
+    sdxl)."""
+    from innercontrol.tiny import write_tiny_sdxl
+
+    return write_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))

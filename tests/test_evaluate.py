@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -120,6 +121,30 @@ def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*.png"))}
 
 
+def direct_image(pipe, cfg, out: Path, index: int, control: bool = True, **extra) -> np.ndarray:
+    """The image a diffusers pipeline made here generates for eval sample `index`, group 0 (its prompt, its exported
+    control unless control=False, its seed), in a batch of eval.batch_size as the evaluation runs it."""
+    e = cfg.eval
+    samples = json.loads((out / "eval_set.json").read_text())["samples"]
+    if control:
+        extra["image"] = ev.load_images([out / "controls" / f"{index}.png"]).repeat(e.batch_size, 1, 1, 1)
+    return pipe(
+        prompt=[samples[index]["caption"]] * e.batch_size,
+        negative_prompt=[e.negative_prompt] * e.batch_size,
+        num_inference_steps=e.num_inference_steps,
+        guidance_scale=e.guidance_scale,
+        height=e.resolution,
+        width=e.resolution,
+        generator=[torch.Generator().manual_seed(ev.image_seed(e.seed, index, 0)) for _ in range(e.batch_size)],
+        output_type="np",
+        **extra,
+    ).images[0]
+
+
+def saved_image(out: Path, index: int) -> np.ndarray:
+    return np.asarray(Image.open(out / "images" / "group_0" / f"{index}.png"), dtype=np.float64) / 255
+
+
 def test_image_seed_is_plain_arithmetic_and_distinct():
     seeds = {ev.image_seed(42, i, g) for i in range(300) for g in range(4)}
     assert len(seeds) == 1200
@@ -238,7 +263,11 @@ def test_report_rows_follow_condition_and_guidance():
     assert "| **ours** | 0.8123 | 12.50 | 31.00 |" in report
     assert "MS-SSIM" in report and "single-scale SSIM: 0.7000" in report
     depth = ev.report_markdown(load_config(None, ["condition.name=depth"]), {**results, "rmse": 27.0})
-    assert depth.count("(published)") == 4 and "| ControlNet++ (published) | 28.32 | 16.66 | 32.09 |" in depth
+    assert depth.count("(published)") == 7 and "| ControlNet++ (published) | 28.32 | 16.66 | 32.09 |" in depth
+    assert (
+        "| T2I-Adapter (SD1.5) (published) | 48.40 | - | - |" in depth
+        and "| SDXL ControlNet (published) | 40.00 |" in depth
+    )
 
 
 def test_probe_readout_records_every_step(tiny_dir, eval_set, tmp_path, data_front_end):
@@ -273,8 +302,13 @@ def test_probe_readout_records_every_step(tiny_dir, eval_set, tmp_path, data_fro
 
 
 @pytest.mark.slow
-def test_one_and_two_processes_give_identical_images(tiny_dir, eval_set, tmp_path):
-    """The real entry points: `python -m innercontrol.evaluate` vs eval/eval_depth.sh with two CPU processes."""
+@pytest.mark.parametrize(
+    "family,kind", [("sd15", "controlnet"), ("sd15", "t2i_adapter"), ("sdxl", "controlnet"), ("sdxl", "t2i_adapter")]
+)
+def test_one_and_two_processes_give_identical_images(request, eval_set, tmp_path, family, kind):
+    """The real entry points: `python -m innercontrol.evaluate` vs eval/eval_depth.sh with two CPU processes, for
+    ControlNets and T2I-Adapters on SD1.5 and SDXL (issue 17)."""
+    tiny_dir = request.getfixturevalue("tiny_dir" if family == "sd15" else "tiny_sdxl_dir")
     pytest.importorskip("innercontrol.data")
     env = {
         **os.environ,
@@ -289,11 +323,12 @@ def test_one_and_two_processes_give_identical_images(tiny_dir, eval_set, tmp_pat
     torch.jit.save(torch.jit.script(FakeInception()), str(fid_file))
     single, double = tmp_path / "one", tmp_path / "two"
     config = str(ROOT / "configs" / "tiny.yaml")
-    controlnet = str(tiny_dir / "controlnet")
+    controlnet = str(tiny_dir / ("controlnet" if kind == "controlnet" else "t2i_adapter"))
+    extra = {"eval.model_kind": kind}
     one = [sys.executable, "-m", "innercontrol.evaluate", "--config", config, "--controlnet", controlnet]
-    one += ["--metrics", "control", *tiny_overrides(tiny_dir, eval_set, single)]
+    one += ["--metrics", "control", *tiny_overrides(tiny_dir, eval_set, single, **extra)]
     subprocess.run(one, cwd=ROOT, env=env, check=True, timeout=600)
-    two = ["bash", "eval/eval_depth.sh", controlnet, *tiny_overrides(tiny_dir, eval_set, double)]
+    two = ["bash", "eval/eval_depth.sh", controlnet, *tiny_overrides(tiny_dir, eval_set, double, **extra)]
     two[3:3] = [f"eval.inception_weights={fid_file}"]
     done = subprocess.run(
         two,
@@ -489,20 +524,7 @@ def test_floor_without_controlnet_and_the_real_image_ceiling(tiny_dir, eval_set,
     # The floor's image 0 is the base pipeline's image for the same prompt and seed (no control input at all).
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
-    samples = json.loads((out / "eval_set.json").read_text())["samples"]
-    e = cfg.eval
-    expected = pipe(
-        prompt=[samples[0]["caption"]] * e.batch_size,
-        negative_prompt=[e.negative_prompt] * e.batch_size,
-        num_inference_steps=e.num_inference_steps,
-        guidance_scale=e.guidance_scale,
-        height=e.resolution,
-        width=e.resolution,
-        generator=[torch.Generator().manual_seed(ev.image_seed(e.seed, 0, 0)) for _ in range(e.batch_size)],
-        output_type="np",
-    ).images[0]
-    floor_image = np.asarray(Image.open(out / "images" / "group_0" / "0.png"), dtype=np.float64) / 255
-    assert np.abs(floor_image - expected).max() <= 1 / 255 + 1e-6
+    assert np.abs(saved_image(out, 0) - direct_image(pipe, cfg, out, 0, control=False)).max() <= 1 / 255 + 1e-6
 
     # Ceiling: the depth model on the real eval images against the exported controls, computed here directly.
     depth = get_condition("depth", str(tiny_dir / "dpt"), purpose="eval")
@@ -563,3 +585,90 @@ def test_fid_on_clip_features_matches_the_clip_image_embeddings(tiny_dir, tmp_pa
     independent = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
     assert value == pytest.approx(independent, rel=0.02, abs=1e-3)
     assert value > 0.01
+
+
+def test_t2i_adapter_evaluation_with_the_published_settings(tiny_dir, eval_set, tmp_path, data_front_end):
+    """Issue 17: eval.model_kind=t2i_adapter evaluates a T2I-Adapter through the same seeded generation; its image is
+    the diffusers adapter pipeline's image (Euler ancestral, scale 1 for depth) for the same prompt, control and seed,
+    and the adapter changes the image."""
+    from accelerate import Accelerator
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionAdapterPipeline, T2IAdapter
+
+    out, accelerator = tmp_path / "adapter", Accelerator(cpu=True)
+    adapter_dir = tiny_dir / "t2i_adapter"
+    cfg = small_config(tiny_dir, eval_set, out, **{"eval.model_kind": "t2i_adapter"})
+    results = ev.evaluate(cfg, str(adapter_dir), {"control"}, accelerator)
+    settings = json.loads((out / "generation.json").read_text())
+    assert settings["model_kind"] == "t2i_adapter" and settings["scheduler"] == "euler_ancestral"
+    assert settings["adapter_conditioning_scale"] == 1.0 and math.isfinite(results["rmse"])
+    report = (out / "report.md").read_text()
+    assert "T2I-Adapter (conditioning scale 1)" in report and "Euler ancestral steps" in report
+
+    pipe = StableDiffusionAdapterPipeline.from_pretrained(
+        tiny_dir, adapter=T2IAdapter.from_pretrained(adapter_dir), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    ours = saved_image(out, 0)
+    assert np.abs(ours - direct_image(pipe, cfg, out, 0, adapter_conditioning_scale=1.0)).max() <= 1 / 255 + 1e-6
+    # without the adapter's features the image is another
+    assert np.abs(ours - direct_image(pipe, cfg, out, 0, adapter_conditioning_scale=0.0)).mean() > 0.01
+
+    # The published line-art setting, explicit overrides, and the readout's refusal.
+    lineart = small_config(tiny_dir, eval_set, out, **{"eval.model_kind": "t2i_adapter", "condition.name": "lineart"})
+    assert ev.adapter_scale(lineart) == 0.5 and ev.scheduler_name(lineart) == "euler_ancestral"
+    explicit = small_config(
+        tiny_dir, eval_set, out, **{"eval.adapter_conditioning_scale": 0.8, "eval.scheduler": "unipc"}
+    )
+    assert ev.adapter_scale(explicit) == 0.8 and ev.scheduler_name(explicit) == "unipc"
+    assert ev.scheduler_name(small_config(tiny_dir, eval_set, out)) == "unipc"  # ControlNets: UniPC as before
+    with pytest.raises(ConfigError, match="not on T2I-Adapters"):
+        ev.probe_readout(cfg, str(adapter_dir), "unused", accelerator=accelerator)
+    with pytest.raises(ConfigError, match="eval.model_kind"):
+        small_config(tiny_dir, eval_set, out, **{"eval.model_kind": "adapter"})
+
+
+@pytest.mark.parametrize("kind", ["controlnet", "t2i_adapter"])
+def test_sdxl_controlnet_and_adapter_evaluation(tiny_sdxl_dir, eval_set, tmp_path, data_front_end, kind):
+    """Issue 17: an SDXL base model (family read from model_index.json) evaluates through the SDXL pipelines; the image
+    is the diffusers SDXL pipeline's image for the same prompt, control and seed; eval.vae replaces the VAE and is
+    recorded by content."""
+    import diffusers
+    from accelerate import Accelerator
+
+    out, accelerator = tmp_path / kind, Accelerator(cpu=True)
+    net_dir = tiny_sdxl_dir / ("controlnet" if kind == "controlnet" else "t2i_adapter")
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_sdxl_dir / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias += 0.4  # another VAE: brighter images
+    vae.save_pretrained(tmp_path / "vae")
+    overrides = {"eval.model_kind": kind, "eval.vae": tmp_path / "vae"}
+    cfg = small_config(tiny_sdxl_dir, eval_set, out, **overrides)
+    results = ev.evaluate(cfg, str(net_dir), {"control"}, accelerator)
+    settings = json.loads((out / "generation.json").read_text())
+    assert settings["model_kind"] == kind and math.isfinite(results["rmse"])
+    assert settings["vae_sha256"] == ev.content_digest(str(tmp_path / "vae"))
+
+    if kind == "controlnet":
+        pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(
+            tiny_sdxl_dir, controlnet=diffusers.ControlNetModel.from_pretrained(net_dir), add_watermarker=False
+        )
+        pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+        extra = {}
+    else:
+        pipe = diffusers.StableDiffusionXLAdapterPipeline.from_pretrained(
+            tiny_sdxl_dir, adapter=diffusers.T2IAdapter.from_pretrained(net_dir)
+        )
+        pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+        extra = {"adapter_conditioning_scale": 1.0}
+    with_base_vae = direct_image(pipe, cfg, out, 1, **extra)
+    pipe.vae = vae
+    assert np.abs(saved_image(out, 1) - direct_image(pipe, cfg, out, 1, **extra)).max() <= 1 / 255 + 1e-6
+    assert (saved_image(out, 1) - with_base_vae).mean() > 0.05  # eval.vae decoded it
+
+    # The base alone on SDXL is the floor; training refuses an SDXL base with a message naming the issue.
+    floor = ev.evaluate(small_config(tiny_sdxl_dir, eval_set, tmp_path / "floor", **overrides), "none", {"control"})
+    assert math.isfinite(floor["rmse"])
+    with pytest.raises(ConfigError, match="SDXL"):
+        from innercontrol.models import load_stable_diffusion
+
+        load_stable_diffusion(cfg.model)
