@@ -196,7 +196,10 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--settings",
         default="",
-        help="comma-separated throughput settings measured on rows a and e beside the default: " + ", ".join(SETTINGS),
+        help="comma-separated throughput settings measured on rows a and e beside the default: "
+        + ", ".join(SETTINGS)
+        + ". Each holds its own optimizer state, and channels_last / compile / best their own model copies (SD1.5: "
+        "~3 GB and ~9 GB more each), so on a 24 GB machine measure the sd15 preset one setting at a time",
     )
     parser.add_argument("--rows", default="", help="comma-separated rows to run (default: all; a and e always run)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for the MFU column")

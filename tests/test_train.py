@@ -74,6 +74,19 @@ def weights(folder):
     return load_file(Path(folder) / "diffusion_pytorch_model.safetensors")
 
 
+def test_validation_settings_do_not_change_the_training_run(workspace):
+    """Validation grids (drawn here after every step) must not touch the RNG that draws the training noise and
+    timesteps, nor the models: the same seed gives the same ControlNet with validation on or off."""
+    root = workspace["root"]
+    run_train(overrides(workspace, root / "no_validation", 2))
+    run_train(overrides(workspace, root / "validation", 2, "logging.validation_every=1"))
+    assert len(list((root / "validation" / "validation").glob("*.png"))) == 2
+    a, b = weights(root / "no_validation" / "controlnet"), weights(root / "validation" / "controlnet")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = weights(workspace["tiny"] / "controlnet")
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
+
+
 def test_resume_matches_uninterrupted_run(workspace):
     root = workspace["root"]
     run_train(overrides(workspace, root / "straight", 4))
