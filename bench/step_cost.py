@@ -15,6 +15,10 @@ Windows otherwise those of the depth experiment: reward [0, 400], alignment [0, 
     python bench/step_cost.py --preset sd15 --resolution 512 --batch-size 8 --precision bf16 \
         --gradient-checkpointing --device cuda                  # the GPU table
     python bench/step_cost.py --rows a,e --settings fused,channels_last,compile,best --memory-per-sample
+    python bench/step_cost.py --preset sdxl --resolution 256 --batch-size 2 --steps 2 --rows a,e --precision bf16 \
+        --controlnet-dtype bf16                                 # SDXL shapes on a 24 GB CPU machine
+    python bench/step_cost.py --preset sdxl --resolution 1024 --batch-size 2 --precision bf16 \
+        --gradient-checkpointing --vae-gradient-checkpointing --device cuda --memory-per-sample   # SDXL, GPU
 
 Every table also gives samples/s, the model FLOPs of a step (torch.utils.flop_counter, no recomputation), TFLOP/s
 and the model FLOPs utilisation against the device's dense peak (PEAK_TFLOPS; --peak-tflops overrides), and the
@@ -142,6 +146,8 @@ class SavedForBackward:
 
 
 def build_models(preset: str, device: torch.device, workdir: str):
+    """Random-weight models of the preset's architecture: UNet, VAE, ControlNet (from the UNet), depth reward model,
+    training scheduler, text width, probe width, and the prompt's added conditioning {name: width} (SDXL's)."""
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
     from transformers import DPTConfig, DPTForDepthEstimation
 
@@ -152,13 +158,16 @@ def build_models(preset: str, device: torch.device, workdir: str):
     if preset == "tiny":
         pipe = tiny.build_tiny_pipeline()
         unet, vae, controlnet = pipe.unet, pipe.vae, pipe.controlnet
-        text_dim, projection_dim = tiny.UNET_CONFIG["cross_attention_dim"], 32
+        text_dim, projection_dim, added = tiny.UNET_CONFIG["cross_attention_dim"], 32, {}
         depth, processor = tiny.build_tiny_dpt()
     else:
-        unet = UNet2DConditionModel(**tiny.SD15_UNET_CONFIG)
-        vae = AutoencoderKL(**tiny.SD15_VAE_CONFIG)
+        sdxl = preset == "sdxl"
+        unet = UNet2DConditionModel(**(tiny.SDXL_BASE_UNET_CONFIG if sdxl else tiny.SD15_UNET_CONFIG))
+        # SDXL's VAE has SD's architecture with another latent scale
+        vae = AutoencoderKL(**tiny.SD15_VAE_CONFIG, scaling_factor=0.13025 if sdxl else 0.18215)
         controlnet = ControlNetModel.from_unet(unet)
-        text_dim, projection_dim = 768, 384
+        text_dim, projection_dim = unet.config.cross_attention_dim, 384
+        added = {"text_embeds": 1280, "time_ids": 6} if sdxl else {}
         # DPT-Hybrid MiDaS architecture (the depth reward model), random weights.
         config = DPTConfig(
             is_hybrid=True, backbone_featmap_shape=[1, 1024, 24, 24], neck_hidden_sizes=[256, 512, 768, 768]
@@ -173,16 +182,26 @@ def build_models(preset: str, device: torch.device, workdir: str):
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
-    return unet, vae, controlnet, condition, scheduler, text_dim, projection_dim
+    return unet, vae, controlnet, condition, scheduler, text_dim, projection_dim, added
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("tiny", "sd15"), default="tiny")
-    parser.add_argument("--resolution", type=int, default=None, help="image size (tiny: 128, sd15: 512 on GPU)")
+    parser.add_argument("--preset", choices=("tiny", "sd15", "sdxl"), default="tiny")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="image size (tiny: 128, sd15: 512, sdxl: 1024 on GPU)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per row (after one warm-up step)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument(
+        "--controlnet-dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: the trained ControlNet's weights, gradients and AdamW state in bf16 too. Not a training setting "
+        "(training keeps fp32 master weights): it lets the sdxl preset (2.6 B frozen + 1.25 B trained parameters) fit "
+        "a 24 GB CPU machine; the FLOPs are the same",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the UNet and ControlNet")
     parser.add_argument(
         "--vae-gradient-checkpointing", action="store_true", help="also checkpoint the VAE decoder of the reward"
@@ -219,6 +238,7 @@ def main(argv=None) -> None:
         parser.error("--memory-per-sample compares batch b/2 with batch b: use --batch-size 2 or more")
 
     from innercontrol.controlled_unet import ControlledUNet, tapped_channels
+    from innercontrol.families import PromptEmbeddings
     from innercontrol.losses import alignment_loss, diffusion_loss, diffusion_target, in_window, reward_loss
     from innercontrol.probes import build_probe
     from innercontrol.reward import SplitReward, host_to_device
@@ -245,10 +265,11 @@ def main(argv=None) -> None:
         for base in ("a", "e"):
             template = next(row for row in ROWS if row.key == base)
             rows.append(replace(template, key=f"{base}-{name}", label=f"{base}, {SETTINGS[name]}", setting=name))
-    resolution = args.resolution or (128 if args.preset == "tiny" else 512)
+    resolution = args.resolution or {"tiny": 128, "sd15": 512, "sdxl": 1024}[args.preset]
     weight_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     workdir = tempfile.mkdtemp(prefix="step_cost_")
-    unet, vae, controlnet, condition, scheduler, text_dim, projection_dim = build_models(args.preset, device, workdir)
+    built = build_models(args.preset, device, workdir)
+    unet, vae, controlnet, condition, scheduler, text_dim, projection_dim, added_dims = built
     for frozen in (unet, vae):
         frozen.requires_grad_(False).to(device, weight_dtype)
     if args.gradient_checkpointing:
@@ -256,7 +277,7 @@ def main(argv=None) -> None:
         controlnet.enable_gradient_checkpointing()
     if args.vae_gradient_checkpointing:
         vae.enable_gradient_checkpointing()
-    controlnet.to(device).train()
+    controlnet.to(device, torch.bfloat16 if args.controlnet_dtype == "bf16" else torch.float32).train()
     condition.to(device)
     if condition.model is not None:
         condition.model.to(weight_dtype)
@@ -300,7 +321,16 @@ def main(argv=None) -> None:
     timestep_batches = [torch.randint(0, 1000, (b,), generator=generator) for _ in range(args.steps + 1)]
     all_images = torch.rand(b, 3, resolution, resolution, generator=generator).to(device) * 2 - 1
     all_controls = torch.rand(b, 3, resolution, resolution, generator=generator).to(device)
-    all_text = torch.randn(b, 77, text_dim, generator=generator).to(device, weight_dtype)
+    all_text = PromptEmbeddings(torch.randn(b, 77, text_dim, generator=generator))
+    for name, width in added_dims.items():  # SDXL: pooled text embedding and the size ids of this resolution
+        all_text.added_cond_kwargs[name] = torch.randn(b, width, generator=generator)
+    if "time_ids" in added_dims:
+        all_text.added_cond_kwargs["time_ids"] = torch.tensor(
+            [[resolution, resolution, 0, 0, resolution, resolution]] * b
+        )
+    all_text = PromptEmbeddings(
+        all_text.hidden_states.to(device), {k: v.to(device) for k, v in all_text.added_cond_kwargs.items()}
+    ).to(weight_dtype)
     all_noise = torch.randn(b, 4, latent, latent, generator=generator).to(device)
 
     splits = {
@@ -317,7 +347,8 @@ def main(argv=None) -> None:
         model, controlnet, optimizer, tf32 = bundles[row.setting]
         torch.backends.cuda.matmul.allow_tf32 = tf32  # cuDNN convolutions use TF32 by default (torch's setting)
         n = len(host_timesteps)
-        images, controls, text, noise = (x[:n] for x in (all_images, all_controls, all_text, all_noise))
+        images, controls, noise = (x[:n] for x in (all_images, all_controls, all_noise))
+        text = all_text.select(slice(0, n))
         timesteps = host_to_device(host_timesteps, device)
         with torch.no_grad():
             latents = vae.encode(images.to(weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
@@ -470,7 +501,9 @@ def main(argv=None) -> None:
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     )
     lines = [
-        f"### preset {args.preset}, {resolution} px, batch {b}, {args.precision}, gradient checkpointing "
+        f"### preset {args.preset}, {resolution} px, batch {b}, {args.precision}"
+        + (", ControlNet trained in bf16 (--controlnet-dtype)" if args.controlnet_dtype == "bf16" else "")
+        + ", gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'} (VAE {'on' if args.vae_gradient_checkpointing else 'off'}), "
         f"{device_name}",
         "",

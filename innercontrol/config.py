@@ -28,6 +28,8 @@ class ModelConfig:
     pretrained_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # ControlNet to start from (hub id or folder); null = initialise from the UNet (ControlNetModel.from_unet).
     controlnet: Optional[str] = None
+    # A VAE (hub id or folder) replacing the base model's: SDXL in fp16 needs madebyollin/sdxl-vae-fp16-fix.
+    vae: Optional[str] = None
     revision: Optional[str] = None
     variant: Optional[str] = None
     # Decoder features the probe reads: "attn" (InnerControl) or "conv" (Readout Guidance).
@@ -356,6 +358,7 @@ RANGES: dict[str, Range] = {
     # model
     "model.pretrained_model": NOT_EMPTY,
     "model.controlnet": optional(NOT_EMPTY),
+    "model.vae": optional(NOT_EMPTY),
     "model.revision": optional(NOT_EMPTY),
     "model.variant": optional(NOT_EMPTY),
     "model.tap": one_of("attn", "conv"),

@@ -5,6 +5,8 @@ Tap modes (DESIGN section 2):
         decoder attention module: SD1.5 gives 9 maps, 1280x3 @16, 640x3 @32, 320x3 @64 (512 px).
   conv  residual-branch output after `conv2` of every decoder ResNet block (before the shortcut add):
         SD1.5 gives 12 maps, 1280x6, 640x3, 320x3.
+SDXL's decoder (up blocks CrossAttn 1280, CrossAttn 640, plain 320) gives 6 attention maps, 1280x3 @32 and 640x3 @64,
+and 9 ResNet maps, 1280x3, 640x3, 320x3 (1024 px); tapped_channels reads them from any UNet.
 Hooks exist only inside `tap_decoder_features`, so nothing is captured by later calls.
 """
 
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from innercontrol.families import PromptEmbeddings
 
 TAP_MODES = ("attn", "conv")
 
@@ -111,18 +115,22 @@ class ControlledUNet(nn.Module):
         self,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        prompt: torch.Tensor | PromptEmbeddings,
         control_image: torch.Tensor,
         conditioning_scale: float = 1.0,
         tap: str | None = "default",
     ) -> ControlledOutput:
+        """prompt: the family's PromptEmbeddings (SDXL's added conditioning included), or SD1.5 text states alone."""
         tap = self.tap if tap == "default" else tap
+        if not isinstance(prompt, PromptEmbeddings):
+            prompt = PromptEmbeddings(prompt)
+        conditioning = dict(encoder_hidden_states=prompt.hidden_states, added_cond_kwargs=prompt.added_cond_kwargs)
         down_residuals, mid_residual = None, None
         if self.controlnet is not None:
             down_residuals, mid_residual = self.controlnet(
                 noisy_latents,
                 timesteps,
-                encoder_hidden_states=encoder_hidden_states,
+                **conditioning,
                 controlnet_cond=control_image,
                 conditioning_scale=conditioning_scale,
                 return_dict=False,
@@ -137,12 +145,10 @@ class ControlledUNet(nn.Module):
         try:
             if tap is None:
                 features: list[torch.Tensor] = []
-                noise_pred = self._unet(noisy_latents, timesteps, encoder_hidden_states, down_residuals, mid_residual)
+                noise_pred = self._unet(noisy_latents, timesteps, conditioning, down_residuals, mid_residual)
             else:
                 with tap_decoder_features(self.unet, tap) as features:
-                    noise_pred = self._unet(
-                        noisy_latents, timesteps, encoder_hidden_states, down_residuals, mid_residual
-                    )
+                    noise_pred = self._unet(noisy_latents, timesteps, conditioning, down_residuals, mid_residual)
         finally:
             hook.remove()
         embedding = time_embedding[0]
@@ -150,11 +156,11 @@ class ControlledUNet(nn.Module):
             embedding = self.time_embedding(self.probe_timesteps(timesteps), embedding.dtype)
         return ControlledOutput(noise_pred=noise_pred, features=list(features), time_embedding=embedding)
 
-    def _unet(self, sample, timesteps, encoder_hidden_states, down_residuals, mid_residual):
+    def _unet(self, sample, timesteps, conditioning, down_residuals, mid_residual):
         return self.unet(
             sample,
             timesteps,
-            encoder_hidden_states=encoder_hidden_states,
+            **conditioning,
             down_block_additional_residuals=down_residuals,
             mid_block_additional_residual=mid_residual,
             return_dict=False,

@@ -599,10 +599,6 @@ def probe_readout(cfg, controlnet: str, probe_path: str, num_samples: int = 8, a
             "the probe readout runs on ControlNets and on the base alone (--controlnet none), not on T2I-Adapters "
             "(eval.model_kind=t2i_adapter): drop --probe or evaluate a ControlNet"
         )
-    if model_family(stable_diffusion_folder(cfg.model.pretrained_model)) != "sd15":
-        raise ConfigError(
-            "the probe readout taps SD1.5's decoder; SDXL's taps are not implemented yet (issue 17): drop --probe"
-        )
     accelerator = accelerator or make_accelerator()
     out = Path(cfg.eval.output_dir)
     if accelerator.is_main_process:

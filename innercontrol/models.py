@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from innercontrol.families import SD15, ModelFamily, PromptEmbeddings, family_of, tokenize
 from innercontrol.hub import ModelFolderError, check_model_folder, resolve_model
 from innercontrol.reward import host_to_device
 
@@ -22,20 +24,48 @@ class StableDiffusionParts:
     unet: torch.nn.Module
     scheduler: object  # the training noise scheduler (DDPM with the model's betas)
     folder: str
+    family: ModelFamily = SD15
+    tokenizer_2: object = None  # SDXL's second tokenizer and text encoder (with projection); None for SD1.5
+    text_encoder_2: Optional[torch.nn.Module] = None
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [encoder for encoder in (self.text_encoder, self.text_encoder_2) if encoder is not None]
+
+    def components(self) -> dict:
+        """The frozen parts under the names diffusers pipelines take (vae, unet, tokenizer, text_encoder, and for
+        SDXL tokenizer_2, text_encoder_2)."""
+        parts = {"vae": self.vae, "unet": self.unet}
+        text = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
+        for (tokenizer_name, encoder_name, _), (tokenizer, encoder) in zip(self.family.text_parts, text):
+            parts[tokenizer_name], parts[encoder_name] = tokenizer, encoder
+        return parts
+
+    def encode_prompts(self, captions: list[str], device, image_size: tuple[int, int]) -> PromptEmbeddings:
+        """The UNet's conditioning for the captions, as this model's family computes it (families.py)."""
+        return self.family.encode_prompts(self, captions, device, image_size)
 
 
-# What from_pretrained reads from each kind of model folder: part -> glob patterns, any one of which provides it.
-STABLE_DIFFUSION_FILES = {
-    "model_index.json": ("model_index.json",),
-    "tokenizer/tokenizer.json (or vocab.json and merges.txt)": ("tokenizer/tokenizer.json", "tokenizer/vocab.json"),
-    **{f"{part}/config.json": (f"{part}/config.json",) for part in ("text_encoder", "vae", "unet")},
-    **{f"{part}/ weights": (f"{part}/*.safetensors", f"{part}/*.bin") for part in ("text_encoder", "vae", "unet")},
-    "scheduler/scheduler_config.json": ("scheduler/scheduler_config.json",),
-}
+def model_files(tokenizers: tuple[str, ...], text_encoders: tuple[str, ...]) -> dict:
+    """What from_pretrained reads from a pipeline folder: part -> glob patterns, any one of which provides it."""
+    parts = (*text_encoders, "vae", "unet")
+    return {
+        "model_index.json": ("model_index.json",),
+        **{
+            f"{name}/tokenizer.json (or vocab.json and merges.txt)": (f"{name}/tokenizer.json", f"{name}/vocab.json")
+            for name in tokenizers
+        },
+        **{f"{part}/config.json": (f"{part}/config.json",) for part in parts},
+        **{f"{part}/ weights": (f"{part}/*.safetensors", f"{part}/*.bin") for part in parts},
+        "scheduler/scheduler_config.json": ("scheduler/scheduler_config.json",),
+    }
+
+
+STABLE_DIFFUSION_FILES = model_files(("tokenizer",), ("text_encoder",))
 STABLE_DIFFUSION_HOLDS = (
     "a Stable Diffusion model in the diffusers layout (model_index.json, tokenizer/, text_encoder/, vae/, unet/, "
-    "scheduler/), as `hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR` or "
-    "`python -m innercontrol.tiny --out DIR` writes it"
+    "scheduler/; SDXL also tokenizer_2/ and text_encoder_2/), as `hf download stable-diffusion-v1-5/stable-diffusion-"
+    "v1-5 --local-dir DIR` or `python -m innercontrol.tiny --out DIR` writes it"
 )
 CONTROLNET_FILES = {
     "config.json": ("config.json",),
@@ -51,15 +81,16 @@ def stable_diffusion_folder(name_or_path: str, config_key: str = "model.pretrain
     """The local folder of a Stable Diffusion hub id or path, checked to hold every part the loaders read."""
     folder = resolve_model(name_or_path, "Stable Diffusion model", config_key)
     check_model_folder(folder, STABLE_DIFFUSION_FILES, STABLE_DIFFUSION_HOLDS, config_key, name_or_path)
+    text_parts = family_of(folder).text_parts
+    if len(text_parts) > 1:  # SDXL: the second tokenizer and text encoder too
+        files = model_files(tuple(p[0] for p in text_parts), tuple(p[1] for p in text_parts))
+        check_model_folder(folder, files, STABLE_DIFFUSION_HOLDS, config_key, name_or_path)
     return folder
 
 
 def model_family(folder: str) -> str:
     """ "sdxl" for an SDXL pipeline folder (its model_index.json names an XL pipeline class), else "sd15"."""
-    import json
-
-    index = json.loads(open(os.path.join(folder, "model_index.json")).read())
-    return "sdxl" if "XL" in index.get("_class_name", "") else "sd15"
+    return family_of(folder).name
 
 
 def controlnet_folder(name_or_path: str, config_key: str = "model.controlnet") -> str:
@@ -88,34 +119,40 @@ def _from_pretrained(cls, folder: str, config_key: str, subfolder: Optional[str]
 
 
 def load_stable_diffusion(model_cfg) -> StableDiffusionParts:
-    """Tokenizer, text encoder, VAE, UNet and a DDPM training scheduler, all frozen and in eval mode."""
+    """Tokenizers, text encoders (the family's: one for SD1.5, two for SDXL), VAE (model.vae replaces the base's),
+    UNet and a DDPM training scheduler, all frozen and in eval mode."""
+    import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     key = "model.pretrained_model"
     folder = stable_diffusion_folder(model_cfg.pretrained_model, key)
-    if model_family(folder) != "sd15":
-        from innercontrol.config import ConfigError
-
-        raise ConfigError(
-            f"{key} '{model_cfg.pretrained_model}' is an SDXL pipeline: training and probe pretraining support SD1.5-"
-            "shaped models only so far (SDXL training is issue 17); evaluation (python -m innercontrol.evaluate) "
-            "supports SDXL ControlNets and T2I-Adapters"
-        )
+    family = family_of(folder)
     common = dict(revision=model_cfg.revision)
-    tokenizer = _from_pretrained(CLIPTokenizer, folder, key, "tokenizer", **common)
-    if len(tokenizer) <= 2:  # transformers builds a tokenizer of only the special tokens from unreadable files
-        raise ModelFolderError(
-            f"the tokenizer in '{folder}/tokenizer' ({key}) has only {len(tokenizer)} tokens: its tokenizer.json or "
-            f"vocab.json and merges.txt are damaged; it should hold {STABLE_DIFFUSION_HOLDS}"
-        )
-    text_encoder = _from_pretrained(CLIPTextModel, folder, key, "text_encoder", **common)
-    vae = _from_pretrained(AutoencoderKL, folder, key, "vae", **common)
+    text = []
+    for tokenizer_folder, encoder_folder, encoder_class in family.text_parts:
+        tokenizer = _from_pretrained(CLIPTokenizer, folder, key, tokenizer_folder, **common)
+        if len(tokenizer) <= 2:  # transformers builds a tokenizer of only the special tokens from unreadable files
+            raise ModelFolderError(
+                f"the tokenizer in '{folder}/{tokenizer_folder}' ({key}) has only {len(tokenizer)} tokens: its "
+                f"tokenizer.json or vocab.json and merges.txt are damaged; it should hold {STABLE_DIFFUSION_HOLDS}"
+            )
+        encoder_cls = getattr(transformers, encoder_class)
+        text.append((tokenizer, _from_pretrained(encoder_cls, folder, key, encoder_folder, **common)))
+    vae_name = getattr(model_cfg, "vae", None)
+    if vae_name:  # e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's VAE decodes to inf/NaN in fp16
+        vae = _from_pretrained(AutoencoderKL, resolve_model(vae_name, "VAE", "model.vae"), "model.vae")
+    else:
+        vae = _from_pretrained(AutoencoderKL, folder, key, "vae", **common)
     unet = _from_pretrained(UNet2DConditionModel, folder, key, "unet", variant=model_cfg.variant, **common)
     scheduler = _from_pretrained(DDPMScheduler, folder, key, "scheduler", **common)
-    for module in (text_encoder, vae, unet):
+    for module in (*(encoder for _, encoder in text), vae, unet):
         module.requires_grad_(False).eval()
-    return StableDiffusionParts(tokenizer, text_encoder, vae, unet, scheduler, folder)
+    (tokenizer, text_encoder), *second = text
+    tokenizer_2, text_encoder_2 = second[0] if second else (None, None)
+    return StableDiffusionParts(
+        tokenizer, text_encoder, vae, unet, scheduler, folder, family, tokenizer_2, text_encoder_2
+    )
 
 
 # ControlNetModel's default conditioning embedding: its len - 1 stride-2 convolutions bring the control image to the
@@ -153,41 +190,37 @@ def load_controlnet(model_cfg, unet, vae=None) -> torch.nn.Module:
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
     """CLIP text embeddings (B, 77, D) of the captions, as the SD pipeline computes them."""
-    ids = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return text_encoder(host_to_device(ids, device))[0]
+    return text_encoder(host_to_device(tokenize(tokenizer, captions), device))[0]
 
 
 class TextEmbeddingCache:
-    """encode_prompts with the embeddings of the last `max_entries` distinct captions kept (the text encoder is
-    frozen, so a caption's embedding never changes); the empty caption of caption dropout is never evicted.
+    """A prompt encoder (captions -> PromptEmbeddings) with the embeddings of the last `max_entries` distinct captions
+    kept (the text encoders are frozen, so a caption's embedding never changes); the empty caption of caption dropout
+    is never evicted.
 
-        encode = TextEmbeddingCache(tokenizer, text_encoder, device, max_entries=4096)
-        text = encode(batch["caption"])   # (B, 77, D), only the captions not cached are run through the encoder
+        encode = TextEmbeddingCache(lambda captions: sd.encode_prompts(captions, device, size), max_entries=4096)
+        prompt = encode(batch["caption"])   # only the captions not cached are run through the encoders
     """
 
-    def __init__(self, tokenizer, text_encoder, device, max_entries: int):
+    def __init__(self, encode: Callable[[list[str]], PromptEmbeddings], max_entries: int):
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
-        self.tokenizer, self.text_encoder, self.device, self.max_entries = tokenizer, text_encoder, device, max_entries
-        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.encode, self.max_entries = encode, max_entries
+        self.entries: OrderedDict[str, PromptEmbeddings] = OrderedDict()
         self.hits = self.misses = 0
 
     @torch.no_grad()
-    def __call__(self, captions: list[str]) -> torch.Tensor:
+    def __call__(self, captions: list[str]) -> PromptEmbeddings:
         missing = [c for c in dict.fromkeys(captions) if c not in self.entries]
-        self.misses += len(missing)  # rows run through the text encoder
+        self.misses += len(missing)  # rows run through the text encoders
         self.hits += len(captions) - len(missing)
         if missing:
-            for caption, embedding in zip(
-                missing, encode_prompts(self.tokenizer, self.text_encoder, missing, self.device)
-            ):
+            for caption, embedding in zip(missing, self.encode(missing).rows()):
                 self.entries[caption] = embedding
-        text = torch.stack([self.entries[c] for c in captions])
+        prompt = PromptEmbeddings.cat([self.entries[c] for c in captions])
         for caption in captions:
             self.entries.move_to_end(caption)
         while len(self.entries) > self.max_entries:
             oldest = next(c for c in self.entries if c != "" or len(self.entries) == 1)
             del self.entries[oldest]
-        return text
+        return prompt

@@ -60,6 +60,24 @@ SDXL_UNET_CONFIG = dict(
     norm_num_groups=8,
 )
 
+# The real SDXL base 1.0 UNet architecture (2.6 B parameters; benchmarks and tap tests with random weights).
+SDXL_BASE_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    cross_attention_dim=2048,  # 768 (CLIP ViT-L) + 1280 (OpenCLIP ViT-bigG) text states
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=6 * 256 + 1280,  # six size ids + the pooled OpenCLIP embedding
+)
+
 # The real SD1.5 UNet architecture (for benchmarks and tap tests with random weights).
 SD15_UNET_CONFIG = dict(
     sample_size=64,

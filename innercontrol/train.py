@@ -37,8 +37,9 @@ from innercontrol.checkpoints import prepare_fresh_start, resume, save_checkpoin
 from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels, tapped_modules
 from innercontrol.distributed import finish
+from innercontrol.families import PromptEmbeddings
 from innercontrol.losses import LossWeights, diffusion_target, innercontrol_objective
-from innercontrol.models import TextEmbeddingCache, encode_prompts, load_controlnet, load_stable_diffusion
+from innercontrol.models import TextEmbeddingCache, load_controlnet, load_stable_diffusion
 from innercontrol.reward import SplitReward, host_to_device
 from innercontrol.speed import compile_blocks, to_channels_last, uncompiled
 
@@ -223,10 +224,10 @@ def training_step(
     weight_dtype,
     device,
     split: SplitReward | None = None,
-    encode_text: Callable[[list[str]], torch.Tensor] | None = None,
+    encode_text: Callable[[list[str]], PromptEmbeddings] | None = None,
 ) -> dict:
     """One micro-batch: encode, noise, ControlNet + UNet forward with decoder taps, every term of the objective.
-    encode_text (e.g. a TextEmbeddingCache) replaces encoding the captions with sd's text encoder."""
+    encode_text (e.g. a TextEmbeddingCache) replaces encoding the captions with sd's text encoders."""
     # Pinned, non-blocking copies on CUDA: the host does not wait here for the previous step's kernels.
     images = host_to_device(batch["pixel_values"], device)
     control = host_to_device(batch["control"], device) if "control" in batch else compute_control(condition, images)
@@ -234,8 +235,8 @@ def training_step(
         latents = sd.vae.encode(images.to(weight_dtype)).latent_dist.sample() * sd.vae.config.scaling_factor
         if encode_text is not None:
             text = encode_text(batch["caption"])
-        else:
-            text = encode_prompts(sd.tokenizer, sd.text_encoder, batch["caption"], device)
+        else:  # the family's conditioning (SDXL: both encoders, pooled embedding, size ids of this image size)
+            text = sd.encode_prompts(batch["caption"], device, tuple(images.shape[-2:]))
     latents = latents.float()
     noise = torch.randn_like(latents)
     # Sampled on the host: the loss windows are chosen from this copy without reading the device back.
@@ -263,21 +264,17 @@ def training_step(
 @torch.no_grad()
 def validation_grid(cfg, sd, controlnet, condition, controls, captions, device, weight_dtype):
     """One image per validation prompt; rows of (control | generated) under column labels, as a PIL image."""
-    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+    import diffusers
+    from diffusers import UniPCMultistepScheduler
     from PIL import Image
 
     from innercontrol.report import to_pil, with_column_labels
 
-    pipe = StableDiffusionControlNetPipeline(
-        vae=sd.vae,
-        text_encoder=sd.text_encoder,
-        tokenizer=sd.tokenizer,
-        unet=sd.unet,
+    pipe = getattr(diffusers, sd.family.controlnet_pipeline)(
+        **sd.components(),
         controlnet=controlnet,
         scheduler=UniPCMultistepScheduler.from_config(sd.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **sd.family.pipeline_options,
     )
     pipe.set_progress_bar_config(disable=True)
     size = cfg.data.resolution
@@ -396,6 +393,11 @@ def train(cfg) -> Path:
     needs_condition = weights.reward_weight > 0 or weights.alignment_weight > 0 or cfg.data.control_column is None
 
     sd = load_stable_diffusion(cfg.model)
+    if weight_dtype == torch.float16 and sd.family.fp16_vae and sd.vae.config.get("force_upcast", True):
+        raise ConfigError(
+            f"{sd.family.name}'s VAE overflows in fp16 (inf/NaN latents and rewards): set model.vae={sd.family.fp16_vae}"
+            " or optim.mixed_precision=bf16"
+        )
     controlnet = load_controlnet(cfg.model, sd.unet, sd.vae)
     controlnet.train()
     if cfg.model.gradient_checkpointing:
@@ -403,7 +405,7 @@ def train(cfg) -> Path:
         controlnet.enable_gradient_checkpointing()
     if cfg.model.vae_gradient_checkpointing:
         sd.vae.enable_gradient_checkpointing()
-    for module in (sd.unet, sd.vae, sd.text_encoder):
+    for module in (sd.unet, sd.vae, *sd.text_encoders):
         module.to(device, dtype=weight_dtype)
     if cfg.model.channels_last:
         to_channels_last(sd.unet, controlnet)
@@ -451,7 +453,10 @@ def train(cfg) -> Path:
     optimizer = build_optimizer(cfg.optim, controlnet.parameters(), device)
     encode_text = None
     if cfg.optim.text_embedding_cache > 0:
-        encode_text = TextEmbeddingCache(sd.tokenizer, sd.text_encoder, device, cfg.optim.text_embedding_cache)
+        size = (cfg.data.resolution, cfg.data.resolution)
+        encode_text = TextEmbeddingCache(
+            lambda captions: sd.encode_prompts(captions, device, size), cfg.optim.text_embedding_cache
+        )
     # Prepared schedulers step once per process per optimizer step; scale the horizon to match.
     lr_scheduler = get_scheduler(
         cfg.optim.lr_schedule,

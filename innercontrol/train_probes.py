@@ -37,7 +37,7 @@ from innercontrol.checkpoints import prepare_fresh_start, resume, save_checkpoin
 from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
 from innercontrol.distributed import finish
-from innercontrol.models import encode_prompts, load_controlnet, load_stable_diffusion
+from innercontrol.models import load_controlnet, load_stable_diffusion
 from innercontrol.probes import CONFIG_NAME, WEIGHTS_NAME
 from innercontrol.train import compute_control
 
@@ -113,7 +113,7 @@ def accuracy_by_timestep(cfg, sd, model, probe, condition, held_out, mean_label,
             images.to(device, dtype),
             controls.to(device),
             timesteps,
-            text.expand(len(images), -1, -1),
+            text.expand(len(images)),
             noise_seed=cfg.seed + 1000 + bucket,
         )
         prediction = probe(out.features, out.time_embedding).float()
@@ -256,7 +256,7 @@ def train_probe(cfg) -> Path:
     controlnet = (
         load_controlnet(cfg.model, sd.unet, sd.vae).requires_grad_(False).eval() if cfg.probe.use_controlnet else None
     )
-    for module in (sd.unet, sd.vae, sd.text_encoder, controlnet):
+    for module in (sd.unet, sd.vae, *sd.text_encoders, controlnet):
         if module is not None:
             module.to(device, dtype=dtype)
     model = ControlledUNet(sd.unet, controlnet, tap=cfg.model.tap)
@@ -299,7 +299,8 @@ def train_probe(cfg) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
-    empty = encode_prompts(sd.tokenizer, sd.text_encoder, [""], device).to(dtype)
+    size = (cfg.data.resolution, cfg.data.resolution)
+    empty = sd.encode_prompts([""], device, size).to(dtype)
     label_sum, label_count = None, 0
     data = iter(loader)
     progress = tqdm(total=cfg.probe.max_steps, initial=step, disable=not accelerator.is_main_process, desc="probe")
@@ -308,9 +309,9 @@ def train_probe(cfg) -> Path:
         images = batch["pixel_values"].to(device, dtype)
         control = batch["control"].to(device) if "control" in batch else compute_control(condition, images)
         if cfg.probe.empty_prompt:
-            text = empty.expand(len(images), -1, -1)
+            text = empty.expand(len(images))
         else:
-            text = encode_prompts(sd.tokenizer, sd.text_encoder, batch["caption"], device).to(dtype)
+            text = sd.encode_prompts(batch["caption"], device, tuple(images.shape[-2:])).to(dtype)
         timesteps = torch.randint(0, sd.scheduler.config.num_train_timesteps, (len(images),), device=device)
         out = features_at(model, sd, images, control, timesteps, text)
         with accelerator.autocast():

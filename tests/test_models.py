@@ -97,15 +97,21 @@ def test_text_embedding_cache_matches_the_encoder_and_runs_only_new_captions(tin
         return real_forward(input_ids, *args, **kwargs)
 
     encoder.forward = counting
-    cache = TextEmbeddingCache(tokenizer, encoder, "cpu", max_entries=3)
-    first = cache(["a red circle", "", "a red circle", "a blue square"])
+    from innercontrol.families import PromptEmbeddings
+
+    cache = TextEmbeddingCache(
+        lambda captions: PromptEmbeddings(encode_prompts(tokenizer, encoder, captions, "cpu")), max_entries=3
+    )
+    first = cache(["a red circle", "", "a red circle", "a blue square"]).hidden_states
     assert rows == [3]  # three distinct captions, one encoder call
     with torch.no_grad():
         direct = encode_prompts(tokenizer, encoder, ["a red circle", "", "a red circle", "a blue square"], "cpu")
     torch.testing.assert_close(first, direct, rtol=0, atol=1e-5)
     assert torch.equal(first[0], first[2])
 
-    again = cache(["a blue square", "", "a green triangle"])  # one new caption; the oldest non-empty one goes
+    again = cache(
+        ["a blue square", "", "a green triangle"]
+    ).hidden_states  # one new caption; the oldest non-empty one goes
     assert rows == [3, 4, 1]  # direct (4 rows) ran in between
     assert (cache.hits, cache.misses) == (1 + 2, 3 + 1)  # a repeat within a batch counts as a hit
     assert list(cache.entries) == ["a blue square", "", "a green triangle"]
@@ -114,4 +120,4 @@ def test_text_embedding_cache_matches_the_encoder_and_runs_only_new_captions(tin
     assert "" in cache.entries and len(cache.entries) == 3  # the empty caption stays
 
     with pytest.raises(ValueError, match="max_entries"):
-        TextEmbeddingCache(tokenizer, encoder, "cpu", max_entries=0)
+        TextEmbeddingCache(lambda captions: None, max_entries=0)
