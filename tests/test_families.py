@@ -328,3 +328,20 @@ def test_sdxl_probe_readout_during_sampling(sdxl_ws, sdxl_probe, tmp_path):
     table = ev.probe_readout(cfg, str(sdxl_ws["sdxl"] / "controlnet"), str(sdxl_probe), 3, Accelerator(cpu=True))
     assert [row["step"] for row in table] == [0, 1, 2]
     assert all(row["probe_mse"] > 0 and row["mean_map_mse"] > 0 for row in table)
+
+
+def test_model_vae_replaces_the_base_models_vae(tiny_sdxl_dir, tmp_path):
+    """model.vae (e.g. madebyollin/sdxl-vae-fp16-fix) is the VAE the training step encodes and the reward decodes
+    with."""
+    from diffusers import AutoencoderKL
+
+    other = AutoencoderKL.from_pretrained(tiny_sdxl_dir / "vae")
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(0.5)
+    other.save_pretrained(tmp_path / "fp16_fix")
+    sd = load_stable_diffusion(model_config(tiny_sdxl_dir, vae=str(tmp_path / "fp16_fix")))
+    base = load_stable_diffusion(model_config(tiny_sdxl_dir))
+    weights, replaced, own = (m.state_dict() for m in (other, sd.vae, base.vae))
+    assert all(torch.equal(weights[k], replaced[k]) for k in weights)
+    assert not all(torch.equal(own[k], replaced[k]) for k in own)
