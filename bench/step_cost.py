@@ -147,7 +147,7 @@ class SavedForBackward:
 
 def build_models(preset: str, device: torch.device, workdir: str):
     """Random-weight models of the preset's architecture: UNet, VAE, ControlNet (from the UNet), depth reward model,
-    training scheduler, text width, probe width, and the prompt's added conditioning {name: width} (SDXL's)."""
+    training scheduler, text width, probe width, and the prompt's added conditioning widths (SDXL: the pooled embedding)."""
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
     from transformers import DPTConfig, DPTForDepthEstimation
 
@@ -167,7 +167,7 @@ def build_models(preset: str, device: torch.device, workdir: str):
         vae = AutoencoderKL(**tiny.SD15_VAE_CONFIG, scaling_factor=0.13025 if sdxl else 0.18215)
         controlnet = ControlNetModel.from_unet(unet)
         text_dim, projection_dim = unet.config.cross_attention_dim, 384
-        added = {"text_embeds": 1280, "time_ids": 6} if sdxl else {}
+        added = {"text_embeds": 1280} if sdxl else {}  # the pooled embedding's width (plus 6 size ids)
         # DPT-Hybrid MiDaS architecture (the depth reward model), random weights.
         config = DPTConfig(
             is_hybrid=True, backbone_featmap_shape=[1, 1024, 24, 24], neck_hidden_sizes=[256, 512, 768, 768]
@@ -234,6 +234,8 @@ def main(argv=None) -> None:
     unknown = [name for name in settings if name not in SETTINGS]
     if unknown:
         parser.error(f"unknown --settings {', '.join(unknown)}: choose from {', '.join(SETTINGS)}")
+    if args.controlnet_dtype == "bf16" and args.precision == "fp32":
+        parser.error("--controlnet-dtype bf16 runs under bf16 autocast: add --precision bf16")
     if args.batch_size < 2 and args.memory_per_sample:
         parser.error("--memory-per-sample compares batch b/2 with batch b: use --batch-size 2 or more")
 
@@ -321,16 +323,11 @@ def main(argv=None) -> None:
     timestep_batches = [torch.randint(0, 1000, (b,), generator=generator) for _ in range(args.steps + 1)]
     all_images = torch.rand(b, 3, resolution, resolution, generator=generator).to(device) * 2 - 1
     all_controls = torch.rand(b, 3, resolution, resolution, generator=generator).to(device)
-    all_text = PromptEmbeddings(torch.randn(b, 77, text_dim, generator=generator))
-    for name, width in added_dims.items():  # SDXL: pooled text embedding and the size ids of this resolution
-        all_text.added_cond_kwargs[name] = torch.randn(b, width, generator=generator)
-    if "time_ids" in added_dims:
-        all_text.added_cond_kwargs["time_ids"] = torch.tensor(
-            [[resolution, resolution, 0, 0, resolution, resolution]] * b
-        )
-    all_text = PromptEmbeddings(
-        all_text.hidden_states.to(device), {k: v.to(device) for k, v in all_text.added_cond_kwargs.items()}
-    ).to(weight_dtype)
+    added = {}
+    if added_dims:  # SDXL: the pooled text embedding and the size ids of this resolution
+        added["text_embeds"] = torch.randn(b, added_dims["text_embeds"], generator=generator)
+        added["time_ids"] = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * b)
+    all_text = PromptEmbeddings(torch.randn(b, 77, text_dim, generator=generator), added).to(device, weight_dtype)
     all_noise = torch.randn(b, 4, latent, latent, generator=generator).to(device)
 
     splits = {

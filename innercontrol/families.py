@@ -1,6 +1,6 @@
 """Base-model families (SD1.5, SDXL): their text encoders, how a prompt becomes the UNet's conditioning, and the
-ControlNet pipeline that samples with them. The training step, probe pretraining and ControlledUNet ask the family
-instead of branching on it.
+ControlNet pipeline that samples with them. The training step, probe pretraining and validation ask the family
+instead of branching on it; ControlledUNet takes the PromptEmbeddings it returns.
 
     family = family_of(folder)                       # from the folder's model_index.json
     prompt = family.encode_prompts(sd, ["a red cube"], device, image_size=(1024, 1024))
@@ -32,9 +32,10 @@ class PromptEmbeddings:
     def __len__(self) -> int:
         return len(self.hidden_states)
 
-    def to(self, dtype: torch.dtype) -> PromptEmbeddings:
-        added = {key: value.to(dtype) for key, value in self.added_cond_kwargs.items()}
-        return PromptEmbeddings(self.hidden_states.to(dtype), added)
+    def to(self, *args, **kwargs) -> PromptEmbeddings:
+        """Every tensor moved / cast as Tensor.to(*args, **kwargs) would."""
+        added = {key: value.to(*args, **kwargs) for key, value in self.added_cond_kwargs.items()}
+        return PromptEmbeddings(self.hidden_states.to(*args, **kwargs), added)
 
     def expand(self, batch: int) -> PromptEmbeddings:
         """One prompt repeated `batch` times (a view, as Tensor.expand)."""
@@ -61,7 +62,7 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per family
 class ModelFamily:
     """What differs between base models of one family: text parts, prompt encoding, pipeline classes."""
 
@@ -97,11 +98,12 @@ class SDXLFamily(ModelFamily):
         (H, W, 0, 0, H, W), as StableDiffusionXLPipeline computes them for a prompt at image_size (H, W)."""
         from innercontrol.reward import host_to_device
 
-        states = []
-        for tokenizer, encoder in ((sd.tokenizer, sd.text_encoder), (sd.tokenizer_2, sd.text_encoder_2)):
-            output = encoder(host_to_device(tokenize(tokenizer, captions), device), output_hidden_states=True)
-            states.append(output.hidden_states[-2])
-        pooled = output[0]  # CLIPTextModelWithProjection: the projected pooled embedding (text_embeds)
+        outputs = [
+            encoder(host_to_device(tokenize(tokenizer, captions), device), output_hidden_states=True)
+            for tokenizer, encoder in ((sd.tokenizer, sd.text_encoder), (sd.tokenizer_2, sd.text_encoder_2))
+        ]
+        states = [output.hidden_states[-2] for output in outputs]
+        pooled = outputs[1].text_embeds  # CLIPTextModelWithProjection: the projected pooled embedding
         height, width = image_size
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
         added = {"text_embeds": pooled, "time_ids": time_ids.expand(len(captions), -1)}
@@ -121,7 +123,6 @@ SDXL = SDXLFamily(
     pipeline_options=dict(force_zeros_for_empty_prompt=True, add_watermarker=False),
     fp16_vae="madebyollin/sdxl-vae-fp16-fix",
 )
-FAMILIES = {family.name: family for family in (SD15, SDXL)}
 
 
 def family_of(folder: str) -> ModelFamily:

@@ -88,6 +88,30 @@ def stable_diffusion_folder(name_or_path: str, config_key: str = "model.pretrain
     return folder
 
 
+def check_vae_precision(model_cfg, mixed_precision: str) -> None:
+    """Refuse fp16 with a VAE of a family whose VAE overflows in fp16 (SDXL's) unless the VAE says it is safe
+    (force_upcast false, as madebyollin/sdxl-vae-fp16-fix); reads config files only, so it runs before a job
+    writes or removes anything."""
+    import json
+
+    if mixed_precision != "fp16":
+        return
+    folder = stable_diffusion_folder(model_cfg.pretrained_model)
+    family = family_of(folder)
+    if family.fp16_vae is None:
+        return
+    vae_name = getattr(model_cfg, "vae", None)
+    vae_folder = resolve_model(vae_name, "VAE", "model.vae") if vae_name else os.path.join(folder, "vae")
+    with open(os.path.join(vae_folder, "config.json")) as config_file:
+        if json.load(config_file).get("force_upcast", True):
+            from innercontrol.config import ConfigError
+
+            raise ConfigError(
+                f"{family.name}'s VAE ('{vae_folder}') overflows in fp16 (inf/NaN latents and rewards): set "
+                f"model.vae={family.fp16_vae} or optim.mixed_precision=bf16"
+            )
+
+
 def model_family(folder: str) -> str:
     """ "sdxl" for an SDXL pipeline folder (its model_index.json names an XL pipeline class), else "sd15"."""
     return family_of(folder).name
@@ -150,6 +174,16 @@ def load_stable_diffusion(model_cfg) -> StableDiffusionParts:
         module.requires_grad_(False).eval()
     (tokenizer, text_encoder), *second = text
     tokenizer_2, text_encoder_2 = second[0] if second else (None, None)
+    if unet.config.addition_embed_type == "text_time" and text_encoder_2 is not None:
+        # SDXL's add_embedding takes 6 size ids x addition_time_embed_dim + the pooled projection of encoder 2.
+        expected = 6 * unet.config.addition_time_embed_dim + text_encoder_2.config.projection_dim
+        if unet.add_embedding.linear_1.in_features != expected:
+            raise ModelFolderError(
+                f"'{folder}' ({key}): the UNet's added conditioning takes {unet.add_embedding.linear_1.in_features} "
+                f"numbers but 6 size ids x {unet.config.addition_time_embed_dim} + text_encoder_2's projection "
+                f"{text_encoder_2.config.projection_dim} give {expected}: the UNet and text_encoder_2 come from "
+                "different models"
+            )
     return StableDiffusionParts(
         tokenizer, text_encoder, vae, unet, scheduler, folder, family, tokenizer_2, text_encoder_2
     )

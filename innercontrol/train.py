@@ -39,7 +39,7 @@ from innercontrol.controlled_unet import ControlledUNet, tapped_channels, tapped
 from innercontrol.distributed import finish
 from innercontrol.families import PromptEmbeddings
 from innercontrol.losses import LossWeights, diffusion_target, innercontrol_objective
-from innercontrol.models import TextEmbeddingCache, load_controlnet, load_stable_diffusion
+from innercontrol.models import TextEmbeddingCache, check_vae_precision, load_controlnet, load_stable_diffusion
 from innercontrol.reward import SplitReward, host_to_device
 from innercontrol.speed import compile_blocks, to_channels_last, uncompiled
 
@@ -279,7 +279,10 @@ def validation_grid(cfg, sd, controlnet, condition, controls, captions, device, 
     pipe.set_progress_bar_config(disable=True)
     size = cfg.data.resolution
     rows = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # keep training RNG untouched
+    # The ControlNet keeps fp32 weights beside the half-precision UNet: autocast runs both in weight_dtype, as
+    # training does.
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:  # training RNG untouched
         for index, (control, caption) in enumerate(zip(controls, captions)):
             image = pipe(
                 caption,
@@ -376,6 +379,7 @@ def train(cfg) -> Path:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    check_vae_precision(cfg.model, cfg.optim.mixed_precision)  # before anything is written or removed
     prepare_fresh_start(
         accelerator,
         [output_dir / name for name in RUN_OUTPUTS],
@@ -393,11 +397,6 @@ def train(cfg) -> Path:
     needs_condition = weights.reward_weight > 0 or weights.alignment_weight > 0 or cfg.data.control_column is None
 
     sd = load_stable_diffusion(cfg.model)
-    if weight_dtype == torch.float16 and sd.family.fp16_vae and sd.vae.config.get("force_upcast", True):
-        raise ConfigError(
-            f"{sd.family.name}'s VAE overflows in fp16 (inf/NaN latents and rewards): set model.vae={sd.family.fp16_vae}"
-            " or optim.mixed_precision=bf16"
-        )
     controlnet = load_controlnet(cfg.model, sd.unet, sd.vae)
     controlnet.train()
     if cfg.model.gradient_checkpointing:

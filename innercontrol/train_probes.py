@@ -37,7 +37,7 @@ from innercontrol.checkpoints import prepare_fresh_start, resume, save_checkpoin
 from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
 from innercontrol.distributed import finish
-from innercontrol.models import load_controlnet, load_stable_diffusion
+from innercontrol.models import check_vae_precision, load_controlnet, load_stable_diffusion
 from innercontrol.probes import CONFIG_NAME, WEIGHTS_NAME
 from innercontrol.train import compute_control
 
@@ -239,6 +239,7 @@ def train_probe(cfg) -> Path:
         project_config=ProjectConfiguration(project_dir=str(output_dir)),
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    check_vae_precision(cfg.model, cfg.optim.mixed_precision)  # before anything is written or removed
     prepare_fresh_start(
         accelerator,
         [output_dir / name for name in RUN_OUTPUTS]

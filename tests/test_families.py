@@ -26,17 +26,8 @@ def test_family_is_read_from_model_index(tiny_dir, tiny_sdxl_dir):
     assert sd.family is SDXL and type(sd.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert set(sd.components()) == {"vae", "unet", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"}
     sd15 = load_stable_diffusion(model_config(tiny_dir))
-    assert (
-        sd15.family is SD15
-        and sd15.text_encoder_2 is None
-        and set(sd15.components())
-        == {
-            "vae",
-            "unet",
-            "tokenizer",
-            "text_encoder",
-        }
-    )
+    assert sd15.family is SD15 and sd15.text_encoder_2 is None
+    assert set(sd15.components()) == {"vae", "unet", "tokenizer", "text_encoder"}
 
 
 def test_sdxl_folder_without_its_second_text_encoder_names_what_is_missing(tiny_sdxl_dir, tmp_path):
@@ -49,6 +40,27 @@ def test_sdxl_folder_without_its_second_text_encoder_names_what_is_missing(tiny_
     shutil.rmtree(broken / "text_encoder_2")
     with pytest.raises(ModelFolderError, match="text_encoder_2/config.json"):
         load_stable_diffusion(model_config(broken))
+
+
+def test_sdxl_text_encoder_2_that_does_not_fit_the_unet_is_named(tiny_sdxl_dir, tmp_path):
+    """The UNet's added-conditioning input (6 size ids x 8 + pooled 32 in the tiny SDXL) must match text_encoder_2's
+    projection: another encoder is refused at load time, not with a shape error deep in the ControlNet."""
+    import shutil
+
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from innercontrol.hub import ModelFolderError
+
+    mixed = tmp_path / "sdxl"
+    shutil.copytree(tiny_sdxl_dir, mixed)
+    config = CLIPTextConfig.from_pretrained(mixed / "text_encoder_2")
+    config.projection_dim = 16
+    shutil.rmtree(mixed / "text_encoder_2")
+    CLIPTextModelWithProjection(config).save_pretrained(mixed / "text_encoder_2")
+    with pytest.raises(
+        ModelFolderError, match=r"takes 80 numbers but 6 size ids x 8 \+ text_encoder_2's projection 16"
+    ):
+        load_stable_diffusion(model_config(mixed))
 
 
 def test_sdxl_prompt_embeddings_equal_the_sdxl_pipeline(tiny_sdxl_dir):
@@ -286,7 +298,6 @@ def test_sdxl_training_with_reward_and_alignment_changes_only_the_controlnet(sdx
         assert all(torch.equal(now[k], then[k]) for k in then), f"{part} changed"
     start = ControlNetModel.from_pretrained(sdxl_ws["sdxl"] / "controlnet").state_dict()
     trained = ControlNetModel.from_pretrained(out / "controlnet")
-    assert trained.config.addition_embed_type == "text_time"
     moved = [k for k, v in trained.state_dict().items() if not torch.equal(start[k], v)]
     assert any(k.startswith("add_embedding") for k in moved) and any(
         k.startswith("controlnet_down_blocks") for k in moved
@@ -297,10 +308,13 @@ def test_sdxl_training_with_reward_and_alignment_changes_only_the_controlnet(sdx
 
 def test_sdxl_controlnet_from_unet_and_fp16_vae_rule(sdxl_ws, tmp_path):
     """model.controlnet=null makes an SDXL ControlNet from the UNet (added conditioning copied); fp16 with SDXL's own
-    VAE is refused with the fix named."""
-    from innercontrol import train
+    VAE is refused with the fix named, by training and probe pretraining, before either writes anything; a VAE whose
+    config says it is fp16-safe (force_upcast false, as the fp16-fix VAE) passes the check."""
+    from diffusers import AutoencoderKL
+
+    from innercontrol import train, train_probes
     from innercontrol.config import ConfigError, load_config
-    from innercontrol.models import load_controlnet
+    from innercontrol.models import check_vae_precision, load_controlnet
 
     sd = load_stable_diffusion(model_config(sdxl_ws["sdxl"]))
     controlnet = load_controlnet(OmegaConf.create({"controlnet": None}), sd.unet, sd.vae)
@@ -313,6 +327,15 @@ def test_sdxl_controlnet_from_unet_and_fp16_vae_rule(sdxl_ws, tmp_path):
     )
     with pytest.raises(ConfigError, match="madebyollin/sdxl-vae-fp16-fix"):
         train.train(cfg)
+    fresh_accelerate()
+    probe_args = ["--config", str(ROOT / "configs" / "tiny.yaml"), *common_overrides(sdxl_ws)]
+    probe_args += ["optim.mixed_precision=fp16", f"probe.path={tmp_path / 'p'}", f"probe.output_dir={tmp_path / 'pr'}"]
+    with pytest.raises(ConfigError, match="model.vae=madebyollin/sdxl-vae-fp16-fix or optim.mixed_precision=bf16"):
+        train_probes.main(probe_args)
+    assert not (tmp_path / "fp16").exists() and not (tmp_path / "pr").exists()
+    AutoencoderKL.from_pretrained(sdxl_ws["sdxl"] / "vae", force_upcast=False).save_pretrained(tmp_path / "fix")
+    check_vae_precision(model_config(sdxl_ws["sdxl"], vae=str(tmp_path / "fix")), "fp16")  # no error
+    check_vae_precision(model_config(sdxl_ws["sdxl"]), "bf16")
 
 
 def test_sdxl_probe_readout_during_sampling(sdxl_ws, sdxl_probe, tmp_path):

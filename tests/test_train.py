@@ -425,9 +425,12 @@ def test_training_with_annotator_rewards_updates_the_controlnet(workspace, name)
 
 
 def test_bf16_mixed_precision_training_runs(workspace):
-    """Half-precision frozen models with an fp32 ControlNet under autocast, every loss term on (as on a GPU)."""
+    """Half-precision frozen models with an fp32 ControlNet under autocast, every loss term on (as on a GPU), and
+    the validation grid of the fp32 (EMA) ControlNet with the bf16 UNet."""
     out = workspace["root"] / "bf16"
-    run_train(overrides(workspace, out, 2, "optim.mixed_precision=bf16", "optim.gradient_accumulation=1"))
+    bf16 = ("optim.mixed_precision=bf16", "optim.gradient_accumulation=1", "logging.validation_every=2")
+    run_train(overrides(workspace, out, 2, *bf16))
+    assert (out / "validation" / "step-000002.png").is_file()
     start, final = weights(Path(workspace["tiny"]) / "controlnet"), weights(out / "controlnet")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in final.values())
     assert any(not torch.equal(start[k], final[k]) for k in final)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# InnerControl training on SDXL, depth (configs/sdxl_depth.yaml): one process per visible GPU (train/config.yml: data parallel).
+# InnerControl training on SDXL, depth (configs/sdxl_depth.yaml): one process per visible GPU
+# (train/config.yml: data parallel).
 #
 #   train/aligned_sdxl_depth.sh [key=value ...]
 #   NUM_PROCESSES=4 train/aligned_sdxl_depth.sh

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# InnerControl training on SDXL, lineart (configs/sdxl_lineart.yaml): one process per visible GPU (train/config.yml: data parallel).
+# InnerControl training on SDXL, lineart (configs/sdxl_lineart.yaml): one process per visible GPU
+# (train/config.yml: data parallel).
 #
 #   train/aligned_sdxl_lineart.sh [key=value ...]
 #   NUM_PROCESSES=4 train/aligned_sdxl_lineart.sh
