@@ -38,28 +38,6 @@ UNET_CONFIG = dict(
     norm_num_groups=8,
 )
 
-# SDXL's UNet block layout with tiny widths: 3 levels (no attention in the first), deeper transformers further down
-# (SDXL: 1 / 2 / 10 layers; here 1 / 1 / 2), linear projections, and the "text_time" added conditioning (pooled text
-# embedding of the second text encoder + 6 size / crop numbers, each embedded in addition_time_embed_dim).
-SDXL_TEXT_DIM = 32  # hidden size of each tiny text encoder (SDXL: 768 and 1280); the UNet sees both concatenated
-SDXL_UNET_CONFIG = dict(
-    sample_size=TINY_RESOLUTION // 8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(16, 32, 64),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 1, 2),
-    attention_head_dim=(2, 4, 8),
-    use_linear_projection=True,
-    cross_attention_dim=2 * SDXL_TEXT_DIM,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=6 * 8 + SDXL_TEXT_DIM,  # 6 time ids x 8 + the pooled text embedding
-    norm_num_groups=8,
-)
-
 # The real SDXL base 1.0 UNet architecture (2.6 B parameters; benchmarks and tap tests with random weights).
 SDXL_BASE_UNET_CONFIG = dict(
     sample_size=128,
@@ -76,6 +54,22 @@ SDXL_BASE_UNET_CONFIG = dict(
     addition_embed_type="text_time",
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=6 * 256 + 1280,  # six size ids + the pooled OpenCLIP embedding
+)
+
+# SDXL's UNet block layout with tiny widths: 3 levels (no attention in the first), deeper transformers further down
+# (SDXL: 1 / 2 / 10 layers; here 1 / 1 / 2), linear projections, and the "text_time" added conditioning (pooled text
+# embedding of the second text encoder + 6 size / crop numbers, each embedded in addition_time_embed_dim).
+SDXL_TEXT_DIM = 32  # hidden size of each tiny text encoder (SDXL: 768 and 1280); the UNet sees both concatenated
+SDXL_UNET_CONFIG = dict(
+    SDXL_BASE_UNET_CONFIG,
+    sample_size=TINY_RESOLUTION // 8,
+    block_out_channels=(16, 32, 64),
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 8),
+    cross_attention_dim=2 * SDXL_TEXT_DIM,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + SDXL_TEXT_DIM,  # 6 time ids x 8 + the pooled text embedding
+    norm_num_groups=8,
 )
 
 # The real SD1.5 UNet architecture (for benchmarks and tap tests with random weights).
