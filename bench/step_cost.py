@@ -147,7 +147,7 @@ class SavedForBackward:
 
 def build_models(preset: str, device: torch.device, workdir: str):
     """Random-weight models of the preset's architecture: UNet, VAE, ControlNet (from the UNet), depth reward model,
-    training scheduler, text width, probe width, and the prompt's added conditioning widths (SDXL: the pooled embedding)."""
+    training scheduler and the probe's projection width."""
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
     from transformers import DPTConfig, DPTForDepthEstimation
 
@@ -158,7 +158,7 @@ def build_models(preset: str, device: torch.device, workdir: str):
     if preset == "tiny":
         pipe = tiny.build_tiny_pipeline()
         unet, vae, controlnet = pipe.unet, pipe.vae, pipe.controlnet
-        text_dim, projection_dim, added = tiny.UNET_CONFIG["cross_attention_dim"], 32, {}
+        projection_dim = 32
         depth, processor = tiny.build_tiny_dpt()
     else:
         sdxl = preset == "sdxl"
@@ -166,8 +166,7 @@ def build_models(preset: str, device: torch.device, workdir: str):
         # SDXL's VAE has SD's architecture with another latent scale
         vae = AutoencoderKL(**tiny.SD15_VAE_CONFIG, scaling_factor=0.13025 if sdxl else 0.18215)
         controlnet = ControlNetModel.from_unet(unet)
-        text_dim, projection_dim = unet.config.cross_attention_dim, 384
-        added = {"text_embeds": 1280} if sdxl else {}  # the pooled embedding's width (plus 6 size ids)
+        projection_dim = 384
         # DPT-Hybrid MiDaS architecture (the depth reward model), random weights.
         config = DPTConfig(
             is_hybrid=True, backbone_featmap_shape=[1, 1024, 24, 24], neck_hidden_sizes=[256, 512, 768, 768]
@@ -182,7 +181,7 @@ def build_models(preset: str, device: torch.device, workdir: str):
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
-    return unet, vae, controlnet, condition, scheduler, text_dim, projection_dim, added
+    return unet, vae, controlnet, condition, scheduler, projection_dim
 
 
 def main(argv=None) -> None:
@@ -270,8 +269,7 @@ def main(argv=None) -> None:
     resolution = args.resolution or {"tiny": 128, "sd15": 512, "sdxl": 1024}[args.preset]
     weight_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     workdir = tempfile.mkdtemp(prefix="step_cost_")
-    built = build_models(args.preset, device, workdir)
-    unet, vae, controlnet, condition, scheduler, text_dim, projection_dim, added_dims = built
+    unet, vae, controlnet, condition, scheduler, projection_dim = build_models(args.preset, device, workdir)
     for frozen in (unet, vae):
         frozen.requires_grad_(False).to(device, weight_dtype)
     if args.gradient_checkpointing:
@@ -324,10 +322,12 @@ def main(argv=None) -> None:
     all_images = torch.rand(b, 3, resolution, resolution, generator=generator).to(device) * 2 - 1
     all_controls = torch.rand(b, 3, resolution, resolution, generator=generator).to(device)
     added = {}
-    if added_dims:  # SDXL: the pooled text embedding and the size ids of this resolution
-        added["text_embeds"] = torch.randn(b, added_dims["text_embeds"], generator=generator)
+    if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled text embedding and this size's ids
+        pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added["text_embeds"] = torch.randn(b, pooled_dim, generator=generator)
         added["time_ids"] = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * b)
-    all_text = PromptEmbeddings(torch.randn(b, 77, text_dim, generator=generator), added).to(device, weight_dtype)
+    text = torch.randn(b, 77, unet.config.cross_attention_dim, generator=generator)
+    all_text = PromptEmbeddings(text, added).to(device, weight_dtype)
     all_noise = torch.randn(b, 4, latent, latent, generator=generator).to(device)
 
     splits = {

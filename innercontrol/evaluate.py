@@ -51,9 +51,10 @@ from PIL import Image
 from innercontrol import metrics
 from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.distributed import finish
+from innercontrol.families import family_of
 from innercontrol.fingerprint import changed_settings, content_digest, normalized_path
 from innercontrol.hub import resolve_model
-from innercontrol.models import controlnet_folder, model_family, stable_diffusion_folder
+from innercontrol.models import controlnet_folder, stable_diffusion_folder
 from innercontrol.report import (
     GRID_ROWS,
     image_path,
@@ -259,7 +260,7 @@ def load_pipeline(cfg, controlnet: str, device: torch.device, dtype: torch.dtype
     from diffusers import AutoencoderKL, ControlNetModel, T2IAdapter
 
     folder = stable_diffusion_folder(cfg.model.pretrained_model)
-    family = model_family(folder)
+    family = family_of(folder).name
     kind = NO_CONTROLNET if is_floor(controlnet) else cfg.eval.model_kind
     parts = {}
     if kind == "t2i_adapter":

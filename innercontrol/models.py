@@ -112,11 +112,6 @@ def check_vae_precision(model_cfg, mixed_precision: str) -> None:
             )
 
 
-def model_family(folder: str) -> str:
-    """ "sdxl" for an SDXL pipeline folder (its model_index.json names an XL pipeline class), else "sd15"."""
-    return family_of(folder).name
-
-
 def controlnet_folder(name_or_path: str, config_key: str = "model.controlnet") -> str:
     """The local folder of a ControlNet: a ControlNet folder, a training output holding controlnet/, or a hub id."""
     folder = resolve_model(name_or_path, "ControlNet", config_key)
