@@ -96,6 +96,9 @@ class LossConfig:
     # InnerControl alignment term, applied where t lies in alignment_window (inclusive).
     alignment_weight: float = 1.0
     alignment_window: list[int] = field(default_factory=lambda: [0, 920])
+    # How training timesteps are drawn: "uniform" (the published method) or "cubic" (T2I-Adapter's t = (1 - u^3) T,
+    # weighted toward high noise where the layout is decided; an option, see configs/mini.yaml).
+    timestep_sampling: str = "uniform"
 
 
 @dataclass
@@ -388,6 +391,7 @@ RANGES: dict[str, Range] = {
     "loss.reward_window": TIMESTEP_WINDOW,
     "loss.alignment_weight": at_least(0),
     "loss.alignment_window": TIMESTEP_WINDOW,
+    "loss.timestep_sampling": one_of("uniform", "cubic"),
     # probe
     "probe.path": optional(NOT_EMPTY),
     "probe.timestep_input": one_of(None, "t", "step_index"),

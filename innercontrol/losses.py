@@ -38,6 +38,24 @@ def _zero(reference: torch.Tensor) -> torch.Tensor:
     return reference.new_zeros((), dtype=torch.float32)
 
 
+TIMESTEP_SAMPLING = ("uniform", "cubic")
+
+
+def sample_timesteps(batch_size: int, num_train_timesteps: int, scheme: str = "uniform") -> torch.Tensor:
+    """Training timesteps (on the host) for a batch.
+
+    uniform: every t equally likely, as Stable Diffusion, ControlNet, ControlNet++ and InnerControl train.
+    cubic: t = (1 - u^3) T with u uniform (T2I-Adapter's non-uniform sampling, section 3.4 of its paper): 79% of the
+    samples lie above T/2, where the layout of the image is decided.
+    """
+    if scheme == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch_size,))
+    if scheme == "cubic":
+        u = torch.rand(batch_size, dtype=torch.float64)
+        return ((1 - u**3) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    raise ValueError(f"unknown timestep sampling '{scheme}' (one of {', '.join(TIMESTEP_SAMPLING)})")
+
+
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Epsilon, or v = sqrt(a) eps - sqrt(1 - a) x0 for v-prediction schedulers."""
     kind = scheduler.config.prediction_type

@@ -38,7 +38,7 @@ from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels, tapped_modules
 from innercontrol.distributed import finish
 from innercontrol.families import PromptEmbeddings
-from innercontrol.losses import LossWeights, diffusion_target, innercontrol_objective
+from innercontrol.losses import LossWeights, diffusion_target, innercontrol_objective, sample_timesteps
 from innercontrol.models import TextEmbeddingCache, check_vae_precision, load_controlnet, load_stable_diffusion
 from innercontrol.reward import SplitReward, host_to_device
 from innercontrol.speed import compile_blocks, to_channels_last, uncompiled
@@ -225,9 +225,11 @@ def training_step(
     device,
     split: SplitReward | None = None,
     encode_text: Callable[[list[str]], PromptEmbeddings] | None = None,
+    timestep_sampling: str = "uniform",
 ) -> dict:
     """One micro-batch: encode, noise, ControlNet + UNet forward with decoder taps, every term of the objective.
-    encode_text (e.g. a TextEmbeddingCache) replaces encoding the captions with sd's text encoders."""
+    encode_text (e.g. a TextEmbeddingCache) replaces encoding the captions with sd's text encoders;
+    timestep_sampling: losses.sample_timesteps's scheme."""
     # Pinned, non-blocking copies on CUDA: the host does not wait here for the previous step's kernels.
     images = host_to_device(batch["pixel_values"], device)
     control = host_to_device(batch["control"], device) if "control" in batch else compute_control(condition, images)
@@ -240,7 +242,7 @@ def training_step(
     latents = latents.float()
     noise = torch.randn_like(latents)
     # Sampled on the host: the loss windows are chosen from this copy without reading the device back.
-    host_timesteps = torch.randint(0, sd.scheduler.config.num_train_timesteps, (latents.shape[0],))
+    host_timesteps = sample_timesteps(latents.shape[0], sd.scheduler.config.num_train_timesteps, timestep_sampling)
     timesteps = host_to_device(host_timesteps, device)
     noisy = sd.scheduler.add_noise(latents, noise, timesteps)
     output = model(noisy.to(weight_dtype), timesteps, text.to(weight_dtype), control.to(weight_dtype))
@@ -528,7 +530,17 @@ def train(cfg) -> Path:
             batch = next(data)
             with accelerator.accumulate(controlnet):
                 terms = training_step(
-                    batch, sd, model, condition, probe, weights, weight_dtype, device, split, encode_text
+                    batch,
+                    sd,
+                    model,
+                    condition,
+                    probe,
+                    weights,
+                    weight_dtype,
+                    device,
+                    split,
+                    encode_text,
+                    cfg.loss.timestep_sampling,
                 )
                 losses.add(global_step + 1, terms)
                 accelerator.backward(terms["loss"])

@@ -37,6 +37,8 @@ def test_yaml_override_anchor_values():
     assert depth.loss.reward_weight == 0.5
     assert depth.model.controlnet == "lllyasviel/control_v11f1p_sd15_depth"
     assert depth.optim.batch_size * depth.optim.gradient_accumulation * 8 == 256
+    # The published recipes draw training timesteps uniformly.
+    assert hed.loss.timestep_sampling == depth.loss.timestep_sampling == "uniform"
 
 
 def test_cli_override_wins_over_yaml():
@@ -138,6 +140,7 @@ def test_reward_graph_chunk_must_be_positive():
         ("condition.name=segmentation", "condition.name must be a registered condition: canny, depth, hed, lineart"),
         ("probe.projection_dim=2", "probe.projection_dim .* must be >= 4"),
         ("loss.reward_weight=-0.5", "loss.reward_weight must be >= 0"),
+        ("loss.timestep_sampling=logit", "loss.timestep_sampling must be one of uniform, cubic"),
         ("model.pretrained_model=' '", "model.pretrained_model must be a non-empty string"),
     ],
 )

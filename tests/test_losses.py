@@ -13,6 +13,7 @@ from innercontrol.losses import (
     innercontrol_objective,
     predict_x0,
     reward_loss,
+    sample_timesteps,
     window_indices,
 )
 from innercontrol.probes import build_probe
@@ -43,6 +44,22 @@ def test_in_window_is_inclusive():
     t = torch.tensor([0, 200, 201, 400, 999])
     assert in_window(t, (0, 200)).tolist() == [True, True, False, False, False]
     assert in_window(t, (200, 400)).tolist() == [False, True, True, True, False]
+
+
+def test_timestep_sampling_uniform_and_cubic():
+    torch.manual_seed(0)
+    uniform = sample_timesteps(200_000, 1000, "uniform")
+    torch.manual_seed(0)
+    assert torch.equal(uniform, torch.randint(0, 1000, (200_000,)))  # the published sampling, unchanged
+    cubic = sample_timesteps(200_000, 1000, "cubic")
+    assert cubic.dtype == torch.long and 0 <= int(cubic.min()) and int(cubic.max()) <= 999
+    # t = (1 - u^3) T: P(t >= T/2) = P(u^3 <= 1/2) = 0.5^(1/3) = 0.7937; E[t] = (1 - 1/4) T = 750 (minus 0.5 for
+    # flooring); the uniform draw puts half above T/2 and its mean at 499.5.
+    assert abs((cubic >= 500).float().mean().item() - 0.5 ** (1 / 3)) < 0.005
+    assert abs(cubic.double().mean().item() - 749.5) < 2.0
+    assert abs((uniform >= 500).float().mean().item() - 0.5) < 0.005
+    with pytest.raises(ValueError, match="unknown timestep sampling 'logit'"):
+        sample_timesteps(4, 1000, "logit")
 
 
 def test_diffusion_loss_and_targets_by_hand():
