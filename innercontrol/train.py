@@ -189,6 +189,27 @@ def compute_control(condition, images: torch.Tensor) -> torch.Tensor:
         return condition((images.float() + 1) / 2).float()
 
 
+# Layers diffusers' ControlNetModel (SD1.5 and SDXL alike) starts at zero: the conditioning embedding's output conv
+# and the 1x1 convs that hand each residual to the UNet.
+ZERO_INITIALISED = ("controlnet_cond_embedding.conv_out.", "controlnet_down_blocks.", "controlnet_mid_block.")
+
+
+def parameter_groups(controlnet: torch.nn.Module, lr: float, zero_conv_lr_scale: float = 1.0):
+    """The ControlNet's trainable parameters for the optimizer: one group, or with `zero_conv_lr_scale` != 1 two, the
+    zero-initialised layers (ZERO_INITIALISED) at lr * zero_conv_lr_scale and the rest at lr."""
+    named = [(name, param) for name, param in controlnet.named_parameters() if param.requires_grad]
+    if zero_conv_lr_scale == 1.0:
+        return [param for _, param in named]
+    zero = [param for name, param in named if name.startswith(ZERO_INITIALISED)]
+    if not zero:
+        raise ConfigError(
+            f"optim.zero_conv_lr_scale={zero_conv_lr_scale}: this {type(controlnet).__name__} has no zero-initialised "
+            f"layers ({', '.join(ZERO_INITIALISED)}); use optim.zero_conv_lr_scale=1.0"
+        )
+    rest = [param for name, param in named if not name.startswith(ZERO_INITIALISED)]
+    return [{"params": rest, "lr": lr}, {"params": zero, "lr": lr * zero_conv_lr_scale}]
+
+
 def build_optimizer(optim_cfg, params, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer of optim.optimizer over the ControlNet's parameters, with the config's lr, betas, eps and decay."""
     kwargs = dict(
@@ -451,7 +472,9 @@ def train(cfg) -> Path:
         taps = tapped_modules(sd.unet, cfg.model.tap) if probe is not None else []
         compiled = compile_blocks(sd.unet, keep_eager=taps) + compile_blocks(controlnet)
         logger.info("model.compile: %d UNet and ControlNet blocks compiled (regional torch.compile)", compiled)
-    optimizer = build_optimizer(cfg.optim, controlnet.parameters(), device)
+    optimizer = build_optimizer(
+        cfg.optim, parameter_groups(controlnet, cfg.optim.lr, cfg.optim.zero_conv_lr_scale), device
+    )
     encode_text = None
     if cfg.optim.text_embedding_cache > 0:
         size = (cfg.data.resolution, cfg.data.resolution)

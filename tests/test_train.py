@@ -518,3 +518,45 @@ def test_fused_adamw_takes_the_same_steps_as_adamw_and_8bit_names_what_it_needs(
     torch.testing.assert_close(results["adamw_fused"], results["adamw"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="adamw_8bit"):
         build_optimizer(SimpleNamespace(optimizer="adamw_8bit", **vars(cfg)), torch.nn.Linear(2, 2).parameters(), "cpu")
+
+
+def test_zero_conv_lr_scale_groups_exactly_the_zero_initialised_layers():
+    """optim.zero_conv_lr_scale: the second group holds the layers from_unet starts at zero (found independently as the
+    all-zero weights of a fresh ControlNet), and one AdamW step moves them scale times as far as the rest."""
+    from types import SimpleNamespace
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from innercontrol.config import ConfigError
+    from innercontrol.tiny import UNET_CONFIG
+    from innercontrol.train import build_optimizer, parameter_groups
+
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel(**UNET_CONFIG))
+    params = dict(controlnet.named_parameters())
+    assert parameter_groups(controlnet, 1e-3) == list(params.values())  # the published recipe: one group
+
+    groups = parameter_groups(controlnet, 1e-3, 10.0)
+    assert [group["lr"] for group in groups] == [1e-3, pytest.approx(1e-2)]
+    ids = {id(param): name for name, param in params.items()}
+    grouped = {ids[id(param)].rsplit(".", 1)[0] for param in groups[1]["params"]}
+    zero_weights = {
+        name.rsplit(".", 1)[0] for name, param in params.items() if name.endswith(".weight") and not param.any()
+    }
+    assert grouped == zero_weights and len(zero_weights) == len(controlnet.controlnet_down_blocks) + 2
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(params)
+
+    cfg = SimpleNamespace(optimizer="adamw", lr=1e-3, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, adam_eps=1e-8)
+    optimizer = build_optimizer(cfg, groups, "cpu")
+    before = {name: param.detach().clone() for name, param in params.items()}
+    for param in params.values():
+        param.grad = torch.ones_like(param)
+    optimizer.step()  # Adam's first step moves every element by lr (its group's) when the gradient is constant
+    moved = {name: (param.detach() - before[name]).abs().max().item() for name, param in params.items()}
+    assert moved["controlnet_mid_block.weight"] == pytest.approx(1e-2, rel=1e-3)
+    assert moved["controlnet_cond_embedding.conv_out.bias"] == pytest.approx(1e-2, rel=1e-3)
+    assert moved["controlnet_cond_embedding.conv_in.weight"] == pytest.approx(1e-3, rel=1e-3)
+    assert moved["conv_in.weight"] == pytest.approx(1e-3, rel=1e-3)
+
+    with pytest.raises(ConfigError, match="zero_conv_lr_scale=1.0"):
+        parameter_groups(torch.nn.Linear(2, 2), 1e-3, 10.0)
