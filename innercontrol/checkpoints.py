@@ -137,6 +137,31 @@ def resume(accelerator, job: str, output_dir, resume_from: str | None, loader) -
     return Run(job, state.get("run_id") or new_run_id(), int(state["step"]), checkpoint)
 
 
+def apply_optimizer_config(optimizer, base_lrs: list[float], settings: dict, lr_scheduler=None) -> list[str]:
+    """After a resume. Loading a checkpoint puts back every optimizer group's lr and settings (betas, eps, weight
+    decay) as they were saved, which would silently override this run's config: a resume with a lower lr would train
+    on at the old one. Set them to `base_lrs` (one per group) and `settings`, keeping the learning-rate schedule's
+    position (each group's lr keeps its ratio to its base lr), and return what changed, for the log."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds the torch scheduler
+    changes = []
+    for index, (group, base) in enumerate(zip(optimizer.param_groups, base_lrs)):
+        saved = scheduler.base_lrs[index] if scheduler is not None else group["lr"]
+        if saved != base:
+            changes.append(f"group {index} base lr {saved:g} -> {base:g}")
+            group["lr"] = group["lr"] * base / saved
+            group["initial_lr"] = base
+            if scheduler is not None:
+                scheduler.base_lrs[index] = base
+        for key, value in settings.items():
+            current = tuple(group[key]) if isinstance(value, tuple) else group[key]
+            if current != value:
+                changes.append(f"group {index} {key} {current} -> {value}")
+                group[key] = value
+    if scheduler is not None:
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return changes
+
+
 def prepare_fresh_start(accelerator, outputs: list[Path], resume_from: str | None, overwrite: bool, hint: str):
     """A fresh run (logging.resume=null) whose `outputs` already hold another run's files stops before writing
     anything, naming them; logging.overwrite=true removes them first (the main process, once every process has

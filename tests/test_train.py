@@ -111,6 +111,27 @@ def test_resume_matches_uninterrupted_run(workspace):
     assert summary["steps"] == 4
 
 
+def test_resume_trains_on_with_this_configs_lr(workspace, tmp_path):
+    """A resume with another optim.lr trains at that lr, not at the checkpoint's (which loading the optimizer's state
+    restores); a resume that would change the optimizer's groups (optim.zero_conv_lr_scale from 1) is refused by name
+    before anything is written."""
+    from innercontrol.config import ConfigError
+
+    out = tmp_path / "lr_change"
+    run_train(overrides(workspace, out, 2))
+    at_step_2 = weights(out / "controlnet")
+    with pytest.raises(ConfigError, match="optim.zero_conv_lr_scale"):
+        run_train(overrides(workspace, out, 4, "logging.resume=latest", "optim.zero_conv_lr_scale=3"))
+    # lr 1e-12: two more AdamW steps move no weight by more than ~2e-12 (at the checkpoint's 1e-4 they move ~1e-4).
+    run_train(overrides(workspace, out, 4, "logging.resume=latest", "optim.lr=1e-12"))
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    at_step_4 = weights(out / "controlnet")
+    assert max((at_step_4[k] - at_step_2[k]).abs().max().item() for k in at_step_2) < 1e-9
+    # the same resume at the run's own lr does move them
+    run_train(overrides(workspace, out, 6, "logging.resume=latest"))
+    assert max((weights(out / "controlnet")[k] - at_step_4[k]).abs().max().item() for k in at_step_4) > 1e-6
+
+
 def test_final_controlnet_loads_in_diffusers(workspace):
     from diffusers import ControlNetModel
 
