@@ -549,6 +549,9 @@ def train(cfg) -> Path:
     if run.checkpoint is not None:
         logger.info("resumed run %s from %s at step %d", run.run_id, run.checkpoint, global_step)
         changes = apply_optimizer_config(optimizer, group_lrs(cfg.optim), optimizer_settings(cfg.optim), lr_scheduler)
+        if ema is not None and ema.max_decay != cfg.optim.ema_decay:  # the checkpoint restored its own
+            changes.append(f"EMA decay {ema.max_decay:g} -> {cfg.optim.ema_decay:g}")
+            ema.max_decay = cfg.optim.ema_decay
         if changes:
             logger.info("this config's optimizer settings replace the checkpoint's: %s", "; ".join(changes))
         if global_step >= cfg.optim.max_steps and finished_run(output_dir) == (run.run_id, global_step):

@@ -112,21 +112,29 @@ def test_resume_matches_uninterrupted_run(workspace):
 
 
 def test_resume_trains_on_with_this_configs_lr(workspace, tmp_path):
-    """A resume with another optim.lr trains at that lr, not at the checkpoint's (which loading the optimizer's state
-    restores); a resume that would change the optimizer's groups (optim.zero_conv_lr_scale from 1) is refused by name
+    """A resume with another optim.lr or optim.ema_decay trains with them, not with the checkpoint's (which loading its
+    state restores); a resume that would change the optimizer's groups (optim.zero_conv_lr_scale from 1) is refused by name
     before anything is written."""
     from innercontrol.config import ConfigError
 
     out = tmp_path / "lr_change"
-    run_train(overrides(workspace, out, 2))
+    run_train(overrides(workspace, out, 2, "optim.lr=1e-2", "optim.warmup_steps=0"))  # an EMA well behind
     at_step_2 = weights(out / "controlnet")
     with pytest.raises(ConfigError, match="optim.zero_conv_lr_scale"):
         run_train(overrides(workspace, out, 4, "logging.resume=latest", "optim.zero_conv_lr_scale=3"))
-    # lr 1e-12: two more AdamW steps move no weight by more than ~2e-12 (at the checkpoint's 1e-4 they move ~1e-4).
-    run_train(overrides(workspace, out, 4, "logging.resume=latest", "optim.lr=1e-12"))
+    ema_at_step_2 = weights(out / "controlnet_ema")
+    # lr 1e-12: two more AdamW steps move no weight by more than ~2e-12 (at the checkpoint's 1e-2 they move ~1e-2).
+    run_train(overrides(workspace, out, 4, "logging.resume=latest", "optim.lr=1e-12", "optim.ema_decay=0.1"))
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     at_step_4 = weights(out / "controlnet")
     assert max((at_step_4[k] - at_step_2[k]).abs().max().item() for k in at_step_2) < 1e-9
+    # EMA updates 3 and 4 decay by min((1 + s) / (10 + s), max) with s = 2, 3: 0.25 and 0.31 at the checkpoint's
+    # 0.99, 0.1 and 0.1 at the new ema_decay=0.1, so the EMA's distance to the (unmoved) weights shrinks 100-fold.
+    ema_at_step_4 = weights(out / "controlnet_ema")
+    for key in at_step_2:
+        expected = at_step_2[key] + 0.01 * (ema_at_step_2[key] - at_step_2[key])
+        assert torch.allclose(ema_at_step_4[key], expected, atol=1e-7), key
+    assert any((ema_at_step_2[k] - at_step_2[k]).abs().max() > 1e-4 for k in at_step_2)  # a distance to shrink
     # the same resume at the run's own lr does move them
     run_train(overrides(workspace, out, 6, "logging.resume=latest"))
     assert max((weights(out / "controlnet")[k] - at_step_4[k]).abs().max().item() for k in at_step_4) > 1e-6
