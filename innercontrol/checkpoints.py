@@ -139,19 +139,24 @@ def resume(accelerator, job: str, output_dir, resume_from: str | None, loader) -
 
 def apply_optimizer_config(optimizer, base_lrs: list[float], settings: dict, lr_scheduler=None) -> list[str]:
     """After a resume. Loading a checkpoint puts back every optimizer group's lr and settings (betas, eps, weight
-    decay) as they were saved, which would silently override this run's config: a resume with a lower lr would train
-    on at the old one. Set them to `base_lrs` (one per group) and `settings`, keeping the learning-rate schedule's
-    position (each group's lr keeps its ratio to its base lr), and return what changed, for the log."""
+    decay) and the schedule's base lrs as they were saved, which would silently override this run's config: a resume
+    with a lower lr would train on at the old one. Set them to `base_lrs` (one per group) and `settings` and return
+    what changed, for the log. With a schedule the group's lr becomes base lr x this run's schedule factor at the
+    resumed step (a changed warm-up or horizon applies from that step), the factor the next step would give."""
     scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds the torch scheduler
     changes = []
     for index, (group, base) in enumerate(zip(optimizer.param_groups, base_lrs)):
         saved = scheduler.base_lrs[index] if scheduler is not None else group["lr"]
         if saved != base:
             changes.append(f"group {index} base lr {saved:g} -> {base:g}")
-            group["lr"] = group["lr"] * base / saved
-            group["initial_lr"] = base
-            if scheduler is not None:
-                scheduler.base_lrs[index] = base
+        if scheduler is None:
+            group["lr"] = base
+        else:
+            scheduler.base_lrs[index] = group["initial_lr"] = base
+            if hasattr(scheduler, "lr_lambdas"):  # every schedule of diffusers' get_scheduler is a LambdaLR
+                group["lr"] = base * scheduler.lr_lambdas[index](scheduler.last_epoch)
+            else:
+                group["lr"] = group["lr"] * base / saved
         for key, value in settings.items():
             current = tuple(group[key]) if isinstance(value, tuple) else group[key]
             if current != value:

@@ -105,31 +105,32 @@ def test_fresh_start_into_used_folder_stops_or_with_overwrite_removes_the_old_ru
 
 def test_resume_applies_the_configs_lr_and_settings_at_the_schedules_position():
     """Loading an optimizer's state puts back the saved lr, betas and weight decay; apply_optimizer_config sets this
-    run's, each group's lr keeping the warm-up factor it had, and the next scheduler step continues from there."""
+    run's: each group's lr is its new base lr x this run's schedule (here a warm-up of 20 steps instead of 10) at the
+    resumed step, and the next scheduler step continues from there."""
     from diffusers.optimization import get_scheduler
 
-    def make(lr, scale, beta1):
+    def make(lr, scale, beta1, warmup):
         torch.manual_seed(0)
         a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
         groups = [{"params": a.parameters(), "lr": lr}, {"params": b.parameters(), "lr": lr * scale}]
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, 0.999), weight_decay=1e-2)
-        return a, b, optimizer, get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=10)
+        return a, b, optimizer, get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup)
 
-    a, b, optimizer, scheduler = make(1e-3, 10.0, 0.9)
+    a, b, optimizer, scheduler = make(1e-3, 10.0, 0.9, warmup=10)
     for _ in range(4):  # 4 of 10 warm-up steps: every lr is 0.4 x its base
         (a(torch.ones(1, 3)).sum() + b(torch.ones(1, 3)).sum()).backward()
         optimizer.step()
         scheduler.step()
     saved = (optimizer.state_dict(), scheduler.state_dict())
-    _, _, resumed, resumed_scheduler = make(1e-4, 3.0, 0.8)
+    _, _, resumed, resumed_scheduler = make(1e-4, 3.0, 0.8, warmup=20)
     resumed.load_state_dict(saved[0])
     resumed_scheduler.load_state_dict(saved[1])
     assert [g["lr"] for g in resumed.param_groups] == pytest.approx([4e-4, 4e-3])  # the checkpoint's, not ours
     changes = apply_optimizer_config(
         resumed, [1e-4, 3e-4], {"betas": (0.8, 0.999), "weight_decay": 1e-2}, resumed_scheduler
     )
-    assert [g["lr"] for g in resumed.param_groups] == pytest.approx([0.4e-4, 0.4 * 3e-4])
-    assert resumed_scheduler.get_last_lr() == pytest.approx([0.4e-4, 0.4 * 3e-4])
+    assert [g["lr"] for g in resumed.param_groups] == pytest.approx([0.2e-4, 0.2 * 3e-4])  # step 4 of 20
+    assert resumed_scheduler.get_last_lr() == pytest.approx([0.2e-4, 0.2 * 3e-4])
     assert [tuple(g["betas"]) for g in resumed.param_groups] == [(0.8, 0.999)] * 2
     assert changes == [
         "group 0 base lr 0.001 -> 0.0001",
@@ -137,8 +138,8 @@ def test_resume_applies_the_configs_lr_and_settings_at_the_schedules_position():
         "group 1 base lr 0.01 -> 0.0003",
         "group 1 betas (0.9, 0.999) -> (0.8, 0.999)",
     ]
-    resumed_scheduler.step()  # warm-up step 5 of 10, from the new base lrs
-    assert [g["lr"] for g in resumed.param_groups] == pytest.approx([0.5e-4, 0.5 * 3e-4])
+    resumed_scheduler.step()  # warm-up step 5 of 20, from the new base lrs
+    assert [g["lr"] for g in resumed.param_groups] == pytest.approx([0.25e-4, 0.25 * 3e-4])
     assert apply_optimizer_config(resumed, [1e-4, 3e-4], {"weight_decay": 1e-2}, resumed_scheduler) == []
 
     # Without a scheduler (probe training) the group's lr is its base lr.

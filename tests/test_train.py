@@ -120,7 +120,7 @@ def test_resume_trains_on_with_this_configs_lr(workspace, tmp_path):
     out = tmp_path / "lr_change"
     run_train(overrides(workspace, out, 2, "optim.lr=1e-2", "optim.warmup_steps=0"))  # an EMA well behind
     at_step_2 = weights(out / "controlnet")
-    with pytest.raises(ConfigError, match="optim.zero_conv_lr_scale"):
+    with pytest.raises(ConfigError, match="cannot resume .* optim.zero_conv_lr_scale"):
         run_train(overrides(workspace, out, 4, "logging.resume=latest", "optim.zero_conv_lr_scale=3"))
     ema_at_step_2 = weights(out / "controlnet_ema")
     # lr 1e-12: two more AdamW steps move no weight by more than ~2e-12 (at the checkpoint's 1e-2 they move ~1e-2).
