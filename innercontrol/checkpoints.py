@@ -117,9 +117,13 @@ def checkpoint_job(state: dict) -> str:
     return state.get("job") or ("train" if "reason" in state else "train_probes")
 
 
-def resume(accelerator, job: str, output_dir, resume_from: str | None, loader) -> Run:
+def resume(
+    accelerator, job: str, output_dir, resume_from: str | None, loader, optimizer=None, lr_scheduler=None
+) -> Run:
     """Restore the run from `logging.resume` (None, "latest" or a folder) into accelerate's objects and the data
-    loader. A fresh start gets a new run id; a checkpoint of the other job is refused before anything loads."""
+    loader. A fresh start gets a new run id; a checkpoint of the other job is refused before anything loads. Given the
+    optimizer (and its schedule), the lr and settings it was built with are kept over the checkpoint's
+    (apply_optimizer_config), each change logged."""
     checkpoint = find_checkpoint(output_dir, resume_from)
     if checkpoint is None:
         return Run(job, new_run_id())
@@ -132,20 +136,42 @@ def resume(accelerator, job: str, output_dir, resume_from: str | None, loader) -
             f"{OUTPUT_KEYS[job]} at a folder of its own instead of {output_dir}, or resume that run with "
             f"python -m innercontrol.{written_by}"
         )
+    wanted = optimizer_settings(optimizer, lr_scheduler) if optimizer is not None else None
     state, data_state = load_checkpoint(accelerator, checkpoint)
     loader.load_state_dict(data_state)
+    if wanted is not None:
+        changes = apply_optimizer_config(optimizer, wanted, lr_scheduler)
+        if changes:
+            logger.info("this config's optimizer settings replace the checkpoint's: %s", "; ".join(changes))
     return Run(job, state.get("run_id") or new_run_id(), int(state["step"]), checkpoint)
 
 
-def apply_optimizer_config(optimizer, base_lrs: list[float], settings: dict, lr_scheduler=None) -> list[str]:
+# The per-group optimizer settings a resume takes from this run's config rather than from the checkpoint.
+SETTINGS = ("betas", "eps", "weight_decay")
+
+
+def optimizer_settings(optimizer, lr_scheduler=None) -> list[dict]:
+    """Each group's base lr and SETTINGS as this run built the optimizer (from its config), before a checkpoint
+    loads over them."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds the torch scheduler
+    return [
+        {"lr": group["initial_lr"] if scheduler is not None else group["lr"]}
+        | {key: group[key] for key in SETTINGS if key in group}
+        for group in optimizer.param_groups
+    ]
+
+
+def apply_optimizer_config(optimizer, wanted: list[dict], lr_scheduler=None) -> list[str]:
     """After a resume. Loading a checkpoint puts back every optimizer group's lr and settings (betas, eps, weight
     decay) and the schedule's base lrs as they were saved, which would silently override this run's config: a resume
-    with a lower lr would train on at the old one. Set them to `base_lrs` (one per group) and `settings` and return
-    what changed, for the log. With a schedule the group's lr becomes base lr x this run's schedule factor at the
-    resumed step (a changed warm-up or horizon applies from that step), the factor the next step would give."""
-    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds the torch scheduler
+    with a lower lr would train on at the old one. Set them to `wanted` (optimizer_settings before the load: one dict
+    per group, "lr" the base lr) and return what changed, for the log. With a schedule the group's lr becomes base lr
+    x this run's schedule factor at the resumed step (a changed warm-up or horizon applies from that step), the
+    factor the next step would give."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
     changes = []
-    for index, (group, base) in enumerate(zip(optimizer.param_groups, base_lrs)):
+    for index, (group, settings) in enumerate(zip(optimizer.param_groups, wanted)):
+        base = settings["lr"]
         saved = scheduler.base_lrs[index] if scheduler is not None else group["lr"]
         if saved != base:
             changes.append(f"group {index} base lr {saved:g} -> {base:g}")
@@ -158,6 +184,8 @@ def apply_optimizer_config(optimizer, base_lrs: list[float], settings: dict, lr_
             else:
                 group["lr"] = group["lr"] * base / saved
         for key, value in settings.items():
+            if key == "lr":
+                continue
             current = tuple(group[key]) if isinstance(value, tuple) else group[key]
             if current != value:
                 changes.append(f"group {index} {key} {current} -> {value}")

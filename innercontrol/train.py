@@ -33,13 +33,7 @@ from pathlib import Path
 
 import torch
 
-from innercontrol.checkpoints import (
-    apply_optimizer_config,
-    prepare_fresh_start,
-    resume,
-    save_checkpoint,
-    save_model_atomically,
-)
+from innercontrol.checkpoints import prepare_fresh_start, resume, save_checkpoint, save_model_atomically
 from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels, tapped_modules
 from innercontrol.distributed import finish
@@ -216,23 +210,7 @@ def parameter_groups(controlnet: torch.nn.Module, lr: float, zero_conv_lr_scale:
     return [{"params": rest, "lr": lr}, {"params": zero, "lr": lr * zero_conv_lr_scale}]
 
 
-def group_lrs(optim_cfg) -> list[float]:
-    """The base lr of each optimizer group, in parameter_groups' order."""
-    if optim_cfg.zero_conv_lr_scale == 1.0:
-        return [optim_cfg.lr]
-    return [optim_cfg.lr, optim_cfg.lr * optim_cfg.zero_conv_lr_scale]
-
-
-def optimizer_settings(optim_cfg) -> dict:
-    """The per-group settings of build_optimizer besides the lr."""
-    return {
-        "betas": (optim_cfg.adam_beta1, optim_cfg.adam_beta2),
-        "eps": optim_cfg.adam_eps,
-        "weight_decay": optim_cfg.weight_decay,
-    }
-
-
-def resume_error(err: ValueError, output_dir: Path, optim_cfg) -> ConfigError:
+def resume_error(err: ValueError, output_dir: Path, groups: int) -> ConfigError:
     """torch's refusal to load an optimizer state with other parameter groups, said in terms of the config."""
     saved = output_dir / "config.yaml"
     was = ""
@@ -242,7 +220,7 @@ def resume_error(err: ValueError, output_dir: Path, optim_cfg) -> ConfigError:
         was = f" (the run's {saved} has {OmegaConf.load(saved).optim.get('zero_conv_lr_scale', 1.0)})"
     return ConfigError(
         f"cannot resume from {output_dir}: its checkpoint's optimizer has other parameter groups than this config "
-        f"makes ({len(group_lrs(optim_cfg))}): optim.zero_conv_lr_scale splits the ControlNet into two groups when "
+        f"makes ({groups}): optim.zero_conv_lr_scale splits the ControlNet into two groups when "
         f"it is not 1.0, so it cannot change between 1.0 and another value on resume. Resume with the run's "
         f"value{was}, or start a fresh run in another logging.output_dir ({err})"
     )
@@ -250,7 +228,12 @@ def resume_error(err: ValueError, output_dir: Path, optim_cfg) -> ConfigError:
 
 def build_optimizer(optim_cfg, params, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer of optim.optimizer over the ControlNet's parameters, with the config's lr, betas, eps and decay."""
-    kwargs = dict(lr=optim_cfg.lr, **optimizer_settings(optim_cfg))
+    kwargs = dict(
+        lr=optim_cfg.lr,
+        betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2),
+        weight_decay=optim_cfg.weight_decay,
+        eps=optim_cfg.adam_eps,
+    )
     if optim_cfg.optimizer == "adamw_8bit":
         try:
             import bitsandbytes
@@ -540,20 +523,19 @@ def train(cfg) -> Path:
     )
 
     try:
-        run = resume(accelerator, "train", output_dir, cfg.logging.resume, loader)
+        run = resume(accelerator, "train", output_dir, cfg.logging.resume, loader, optimizer, lr_scheduler)
     except ValueError as err:
         if "parameter group" not in str(err):
             raise
-        raise resume_error(err, output_dir, cfg.optim) from err
+        raise resume_error(err, output_dir, len(optimizer.param_groups)) from err
     global_step = run.step
     if run.checkpoint is not None:
         logger.info("resumed run %s from %s at step %d", run.run_id, run.checkpoint, global_step)
-        changes = apply_optimizer_config(optimizer, group_lrs(cfg.optim), optimizer_settings(cfg.optim), lr_scheduler)
         if ema is not None and ema.max_decay != cfg.optim.ema_decay:  # the checkpoint restored its own
-            changes.append(f"EMA decay {ema.max_decay:g} -> {cfg.optim.ema_decay:g}")
+            logger.info(
+                "this config's EMA decay replaces the checkpoint's: %g -> %g", ema.max_decay, cfg.optim.ema_decay
+            )
             ema.max_decay = cfg.optim.ema_decay
-        if changes:
-            logger.info("this config's optimizer settings replace the checkpoint's: %s", "; ".join(changes))
         if global_step >= cfg.optim.max_steps and finished_run(output_dir) == (run.run_id, global_step):
             logger.info(
                 "nothing to do: %s is already at step %d >= optim.max_steps=%d and %s holds its final ControlNet "

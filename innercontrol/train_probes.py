@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from innercontrol.checkpoints import apply_optimizer_config, prepare_fresh_start, resume, save_checkpoint
+from innercontrol.checkpoints import prepare_fresh_start, resume, save_checkpoint
 from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
 from innercontrol.distributed import finish
@@ -282,12 +282,8 @@ def train_probe(cfg) -> Path:
         accelerator.num_processes,
         seed=cfg.seed,
     )
-    run = resume(accelerator, "train_probes", output_dir, cfg.logging.resume, loader)
+    run = resume(accelerator, "train_probes", output_dir, cfg.logging.resume, loader, optimizer)
     step = run.step
-    if run.checkpoint is not None:
-        changes = apply_optimizer_config(optimizer, [cfg.probe.lr], {"weight_decay": cfg.probe.weight_decay})
-        if changes:
-            logger.info("this config's optimizer settings replace the checkpoint's: %s", "; ".join(changes))
     if run.checkpoint is not None and step >= cfg.probe.max_steps and finished_probe(probe_dir) == (run.run_id, step):
         logger.info(
             "nothing to do: %s is already at step %d >= probe.max_steps=%d and %s holds its probe",

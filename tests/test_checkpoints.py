@@ -9,6 +9,7 @@ from innercontrol.checkpoints import (
     OutputFolderError,
     apply_optimizer_config,
     complete_checkpoints,
+    optimizer_settings,
     prepare_fresh_start,
     resume,
     save_checkpoint,
@@ -123,12 +124,15 @@ def test_resume_applies_the_configs_lr_and_settings_at_the_schedules_position():
         scheduler.step()
     saved = (optimizer.state_dict(), scheduler.state_dict())
     _, _, resumed, resumed_scheduler = make(1e-4, 3.0, 0.8, warmup=20)
+    wanted = optimizer_settings(resumed, resumed_scheduler)  # as this run built it, before the checkpoint loads
+    assert wanted == [
+        {"lr": 1e-4, "betas": (0.8, 0.999), "eps": 1e-8, "weight_decay": 1e-2},
+        {"lr": pytest.approx(3e-4), "betas": (0.8, 0.999), "eps": 1e-8, "weight_decay": 1e-2},
+    ]
     resumed.load_state_dict(saved[0])
     resumed_scheduler.load_state_dict(saved[1])
     assert [g["lr"] for g in resumed.param_groups] == pytest.approx([4e-4, 4e-3])  # the checkpoint's, not ours
-    changes = apply_optimizer_config(
-        resumed, [1e-4, 3e-4], {"betas": (0.8, 0.999), "weight_decay": 1e-2}, resumed_scheduler
-    )
+    changes = apply_optimizer_config(resumed, wanted, resumed_scheduler)
     assert [g["lr"] for g in resumed.param_groups] == pytest.approx([0.2e-4, 0.2 * 3e-4])  # step 4 of 20
     assert resumed_scheduler.get_last_lr() == pytest.approx([0.2e-4, 0.2 * 3e-4])
     assert [tuple(g["betas"]) for g in resumed.param_groups] == [(0.8, 0.999)] * 2
@@ -140,11 +144,11 @@ def test_resume_applies_the_configs_lr_and_settings_at_the_schedules_position():
     ]
     resumed_scheduler.step()  # warm-up step 5 of 20, from the new base lrs
     assert [g["lr"] for g in resumed.param_groups] == pytest.approx([0.25e-4, 0.25 * 3e-4])
-    assert apply_optimizer_config(resumed, [1e-4, 3e-4], {"weight_decay": 1e-2}, resumed_scheduler) == []
+    assert apply_optimizer_config(resumed, wanted, resumed_scheduler) == []
 
     # Without a scheduler (probe training) the group's lr is its base lr.
     plain = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3, weight_decay=0.0)
-    assert apply_optimizer_config(plain, [5e-4], {"weight_decay": 0.1}) == [
+    assert apply_optimizer_config(plain, [{"lr": 5e-4, "weight_decay": 0.1}]) == [
         "group 0 base lr 0.001 -> 0.0005",
         "group 0 weight_decay 0.0 -> 0.1",
     ]
