@@ -195,6 +195,67 @@ def apply_optimizer_config(optimizer, wanted: list[dict], lr_scheduler=None) -> 
     return changes
 
 
+# Keys that say how this invocation starts (continue or start over), not what the run trains with.
+INVOCATION_KEYS = frozenset({"logging.resume", "logging.overwrite"})
+# Where a resume keeps the config each earlier stretch of the run trained with (config.yaml holds the latest).
+CONFIG_HISTORY = "config_history"
+
+
+def flat_config(tree, prefix: str = "") -> dict:
+    """{"optim.lr": 1e-05, ...} from a nested dict (lists stay values)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_changes(before: dict, after: dict) -> list[str]:
+    """`key: old -> new` for every key whose value differs between two nested configs, INVOCATION_KEYS left out."""
+    old, new = flat_config(before), flat_config(after)
+    absent = "(absent)"
+    return [
+        f"{key}: {old.get(key, absent)} -> {new.get(key, absent)}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in INVOCATION_KEYS and (key in old, old.get(key)) != (key in new, new.get(key))
+    ]
+
+
+def record_config(output_dir: str | Path, cfg, step: int, resumed: bool) -> list[str]:
+    """Write the run's config to output_dir/config.yaml (main process). On a resume the run's previous config.yaml
+    is first compared with this one, key by key: each change is logged, and the previous file is kept as
+    config_history/config-until-step-<step>.yaml, so every config the run trained with stays on disk beside the
+    checkpoints. Returns the changes."""
+    from omegaconf import OmegaConf
+
+    output_dir = Path(output_dir)
+    path = output_dir / "config.yaml"
+    container = OmegaConf.to_container(cfg, resolve=True)
+    changes = []
+    if resumed and path.is_file():
+        changes = config_changes(OmegaConf.to_container(OmegaConf.load(path), resolve=True), container)
+        if changes:
+            history = output_dir / CONFIG_HISTORY
+            history.mkdir(exist_ok=True)
+            kept = history / f"config-until-step-{step}.yaml"
+            shutil.copyfile(path, kept)
+            logger.warning(
+                "resumed at step %d with %d config change(s) from the run's config.yaml (kept as %s): %s",
+                step,
+                len(changes),
+                kept,
+                "; ".join(changes),
+            )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(OmegaConf.to_yaml(cfg))
+    os.replace(tmp, path)
+    return changes
+
+
 def prepare_fresh_start(accelerator, outputs: list[Path], resume_from: str | None, overwrite: bool, hint: str):
     """A fresh run (logging.resume=null) whose `outputs` already hold another run's files stops before writing
     anything, naming them; logging.overwrite=true removes them first (the main process, once every process has

@@ -33,7 +33,14 @@ from pathlib import Path
 
 import torch
 
-from innercontrol.checkpoints import prepare_fresh_start, resume, save_checkpoint, save_model_atomically
+from innercontrol.checkpoints import (
+    CONFIG_HISTORY,
+    prepare_fresh_start,
+    record_config,
+    resume,
+    save_checkpoint,
+    save_model_atomically,
+)
 from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels, tapped_modules
 from innercontrol.distributed import finish
@@ -50,7 +57,16 @@ STOPPED_EXIT_CODE = 75
 # With several processes, a stop request is agreed on (one small all-reduce) at least this often, in steps.
 STOP_AGREEMENT_EVERY = 10
 # What a run writes into logging.output_dir: a fresh run finding any of these stops (or removes them, overwrite).
-RUN_OUTPUTS = ("checkpoints", "config.yaml", "controlnet", "controlnet_ema", "summary.json", "validation", "logs")
+RUN_OUTPUTS = (
+    "checkpoints",
+    "config.yaml",
+    CONFIG_HISTORY,
+    "controlnet",
+    "controlnet_ema",
+    "summary.json",
+    "validation",
+    "logs",
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -551,10 +567,7 @@ def train(cfg) -> Path:
         logger.info("logging.resume=latest: no checkpoint in %s yet, starting fresh", output_dir)
 
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        from omegaconf import OmegaConf
-
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        record_config(output_dir, cfg, global_step, resumed=run.checkpoint is not None)
         if cfg.logging.report_to != "none":
             accelerator.init_trackers("innercontrol")
         validation = validation_batch(cfg, condition, device) if cfg.logging.validation_every > 0 else None

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from innercontrol.checkpoints import prepare_fresh_start, resume, save_checkpoint
+from innercontrol.checkpoints import CONFIG_HISTORY, prepare_fresh_start, record_config, resume, save_checkpoint
 from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
 from innercontrol.distributed import finish
@@ -43,7 +43,7 @@ from innercontrol.train import compute_control
 
 logger = logging.getLogger("innercontrol.train_probes")
 # What a run writes into probe.output_dir and into probe.path (plus <probe.path>.collapsed / .failed).
-RUN_OUTPUTS = ("checkpoints", "config.yaml")
+RUN_OUTPUTS = ("checkpoints", "config.yaml", CONFIG_HISTORY)
 PROBE_OUTPUTS = (CONFIG_NAME, WEIGHTS_NAME, "probe_accuracy.md", "probe_accuracy.json", "probe_accuracy.png")
 BUCKETS = [(start, start + 99) for start in range(0, 1000, 100)]
 
@@ -295,10 +295,7 @@ def train_probe(cfg) -> Path:
         finish(accelerator)
         return probe_dir
     if accelerator.is_main_process:
-        from omegaconf import OmegaConf
-
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        record_config(output_dir, cfg, step, resumed=run.checkpoint is not None)
 
     size = (cfg.data.resolution, cfg.data.resolution)
     empty = sd.encode_prompts([""], device, size).to(dtype)

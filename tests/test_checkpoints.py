@@ -11,6 +11,7 @@ from innercontrol.checkpoints import (
     complete_checkpoints,
     optimizer_settings,
     prepare_fresh_start,
+    record_config,
     resume,
     save_checkpoint,
 )
@@ -153,3 +154,37 @@ def test_resume_applies_the_configs_lr_and_settings_at_the_schedules_position():
         "group 0 weight_decay 0.0 -> 0.1",
     ]
     assert plain.param_groups[0]["lr"] == 5e-4 and plain.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_a_resume_logs_each_config_change_and_keeps_the_previous_config(tmp_path, caplog):
+    """config.yaml is the run's latest config; a resume with other values names each changed key (nested keys, lists,
+    a key only one side has) and keeps the previous file in config_history, named by the step it trained up to. How
+    the invocation starts (logging.resume / logging.overwrite) is no change; a fresh start compares nothing."""
+    from omegaconf import OmegaConf
+
+    first = OmegaConf.create(
+        {"optim": {"lr": 1e-4, "batch_size": 8}, "loss": {"window": [0, 400]}, "logging": {"resume": None}}
+    )
+    assert record_config(tmp_path, first, 0, resumed=False) == []
+    assert OmegaConf.load(tmp_path / "config.yaml") == first
+
+    same = OmegaConf.merge(first, {"logging": {"resume": "latest", "overwrite": False}})
+    assert record_config(tmp_path, same, 100, resumed=True) == []
+    assert not (tmp_path / "config_history").exists()
+
+    second = OmegaConf.create(
+        {"optim": {"lr": 5e-4, "batch_size": 8}, "loss": {"window": [0, 999]}, "logging": {"resume": "latest"},
+         "seed": 1}
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="innercontrol.checkpoints"):
+        changes = record_config(tmp_path, second, 200, resumed=True)
+    assert changes == ["loss.window: [0, 400] -> [0, 999]", "optim.lr: 0.0001 -> 0.0005", "seed: (absent) -> 1"]
+    assert "resumed at step 200 with 3 config change(s)" in caplog.text and "optim.lr: 0.0001 -> 0.0005" in caplog.text
+    kept = tmp_path / "config_history" / "config-until-step-200.yaml"
+    assert OmegaConf.load(kept) == same  # the config that trained steps 100-200
+    assert OmegaConf.load(tmp_path / "config.yaml") == second
+    assert not list(tmp_path.glob(".tmp-*"))
+
+    # started over in the same folder (the run's config is replaced, nothing compared)
+    assert record_config(tmp_path, first, 0, resumed=False) == []
+    assert OmegaConf.load(tmp_path / "config.yaml") == first

@@ -115,6 +115,8 @@ def test_resume_trains_on_with_this_configs_lr(workspace, tmp_path):
     """A resume with another optim.lr or optim.ema_decay trains with them, not with the checkpoint's (which loading its
     state restores); a resume that would change the optimizer's groups (optim.zero_conv_lr_scale from 1) is refused by name
     before anything is written."""
+    from omegaconf import OmegaConf
+
     from innercontrol.config import ConfigError
 
     out = tmp_path / "lr_change"
@@ -122,10 +124,14 @@ def test_resume_trains_on_with_this_configs_lr(workspace, tmp_path):
     at_step_2 = weights(out / "controlnet")
     with pytest.raises(ConfigError, match="cannot resume .* optim.zero_conv_lr_scale"):
         run_train(overrides(workspace, out, 4, "logging.resume=latest", "optim.zero_conv_lr_scale=3"))
+    assert not (out / "config_history").exists()  # refused before the run's config.yaml was touched
     ema_at_step_2 = weights(out / "controlnet_ema")
     # lr 1e-12: two more AdamW steps move no weight by more than ~2e-12 (at the checkpoint's 1e-2 they move ~1e-2).
     run_train(overrides(workspace, out, 4, "logging.resume=latest", "optim.lr=1e-12", "optim.ema_decay=0.1"))
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    # the config of steps 1-2 is kept; config.yaml is this resume's
+    assert OmegaConf.load(out / "config_history" / "config-until-step-2.yaml").optim.lr == 1e-2
+    assert OmegaConf.load(out / "config.yaml").optim.lr == 1e-12
     at_step_4 = weights(out / "controlnet")
     assert max((at_step_4[k] - at_step_2[k]).abs().max().item() for k in at_step_2) < 1e-9
     # EMA updates 3 and 4 decay by min((1 + s) / (10 + s), max) with s = 2, 3: 0.25 and 0.31 at the checkpoint's
