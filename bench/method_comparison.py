@@ -206,8 +206,10 @@ def run_all(args) -> None:
             ["innercontrol.evaluate", *common, f"eval.output_dir={work / 'floor_readout'}", "--controlnet", "none",
              "--probe", str(probe), "--probe-samples", str(preset["readout_samples"])])  # fmt: skip
 
+    # The published objective's other settings, whatever configs/mini.yaml sets for the demo.
     run_settings = ["logging.resume=latest", "logging.validation_every=0", "logging.checkpoint_total_limit=1",
-                    "logging.report_to=none", "optim.lr_schedule=constant_with_warmup"]  # fmt: skip
+                    "logging.report_to=none", "optim.lr_schedule=constant_with_warmup",
+                    "loss.diffusion_weighting=uniform"]  # fmt: skip
     init = init_spec(args)
     start = []
     if init["steps"]:

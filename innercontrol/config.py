@@ -99,6 +99,12 @@ class LossConfig:
     # How training timesteps are drawn: "uniform" (the published method) or "cubic" (T2I-Adapter's t = (1 - u^3) T,
     # weighted toward high noise where the layout is decided; an option, see configs/mini.yaml).
     timestep_sampling: str = "uniform"
+    # How the denoising MSE weighs each sample's timestep: "uniform" (the published method) or "v" (the epsilon MSE x
+    # min(1 / alpha_bar_t, diffusion_weight_max) over its mean across t: the implied v's MSE, truncated, which shifts
+    # the loss toward high noise, where sampling sets the layout; an option, measured on the miniature, see
+    # configs/mini.yaml).
+    diffusion_weighting: str = "uniform"
+    diffusion_weight_max: float = 50.0
 
 
 @dataclass
@@ -397,6 +403,8 @@ RANGES: dict[str, Range] = {
     "loss.alignment_weight": at_least(0),
     "loss.alignment_window": TIMESTEP_WINDOW,
     "loss.timestep_sampling": one_of("uniform", "cubic"),
+    "loss.diffusion_weighting": one_of("uniform", "v"),
+    "loss.diffusion_weight_max": at_least(1, "the largest weight before normalisation; 1 is uniform"),
     # probe
     "probe.path": optional(NOT_EMPTY),
     "probe.timestep_input": one_of(None, "t", "step_index"),

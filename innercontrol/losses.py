@@ -1,6 +1,7 @@
 """The InnerControl objective (DESIGN sections 1 and 3):
 
-    loss = diffusion_mse + reward_weight * reward_loss[t in reward_window]
+    loss = diffusion_mse (optionally weighted per timestep: loss.diffusion_weighting)
+         + reward_weight * reward_loss[t in reward_window]
                          + alignment_weight * alignment_loss[t in alignment_window]
 
 Window terms are computed on the in-window samples alone: no VAE decode, condition model or probe
@@ -66,9 +67,46 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     raise ValueError(f"unsupported prediction_type '{kind}' (epsilon or v_prediction)")
 
 
-def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Plain denoising MSE over the whole batch."""
-    return F.mse_loss(model_pred.float(), target.float())
+DIFFUSION_WEIGHTINGS = ("uniform", "v")
+
+
+def timestep_weights(
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    scheme: str = "uniform",
+    cap: float = 50.0,
+    prediction_type: str = "epsilon",
+) -> Optional[torch.Tensor]:
+    """Per-sample weights of the denoising MSE; None for the plain mean.
+
+    uniform: none (Stable Diffusion's, ControlNet's and InnerControl's training).
+    v: the epsilon MSE times min(1 / alpha_bar_t, cap), divided by that factor's mean over every training t.
+    epsilon MSE / alpha_bar_t is the MSE of the implied v (Salimans & Ho's "SNR + 1" weighting of the x0 error):
+    under SD1.5's schedule it grows from 1 at t = 0 to 215 at t = 999, so the high-noise steps, where sampling sets
+    the layout, weigh more and the nearly clean ones less; truncated at cap, with mean weight 1 over uniform t. A
+    v-prediction model's MSE already is the v MSE (epsilon MSE / alpha_bar_t): its weight is min(1, cap alpha_bar_t),
+    over the same mean.
+    """
+    if scheme == "uniform":
+        return None
+    if scheme != "v":
+        raise ValueError(f"unknown diffusion weighting '{scheme}' (one of {', '.join(DIFFUSION_WEIGHTINGS)})")
+    alphas = alphas_cumprod.to(timesteps.device, torch.float32)
+    factor = torch.clamp(1 / alphas, max=cap)
+    weights = factor[timesteps] / factor.mean()
+    if prediction_type == "v_prediction":
+        weights = weights * alphas[timesteps]
+    return weights
+
+
+def diffusion_loss(
+    model_pred: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Denoising MSE over the whole batch; with per-sample `weights` (timestep_weights), their weighted mean."""
+    if weights is None:
+        return F.mse_loss(model_pred.float(), target.float())
+    per_sample = (model_pred.float() - target.float()).square().flatten(1).mean(1)
+    return (weights * per_sample).mean()
 
 
 def predict_x0(noisy_latents, model_pred, timesteps, alphas_cumprod, prediction_type="epsilon") -> torch.Tensor:
@@ -159,6 +197,8 @@ class LossWeights:
     reward_window: tuple[int, int]
     alignment_weight: float
     alignment_window: tuple[int, int]
+    diffusion_weighting: str = "uniform"  # timestep_weights's scheme
+    diffusion_weight_max: float = 50.0
 
     @classmethod
     def from_config(cls, loss_cfg) -> LossWeights:
@@ -167,6 +207,8 @@ class LossWeights:
             tuple(loss_cfg.reward_window),
             float(loss_cfg.alignment_weight),
             tuple(loss_cfg.alignment_window),
+            loss_cfg.diffusion_weighting,
+            float(loss_cfg.diffusion_weight_max),
         )
 
 
@@ -189,7 +231,14 @@ def innercontrol_objective(
     A term with weight 0 is skipped (plain ControlNet: both 0; ControlNet++: alignment 0). split: see
     reward_loss; host_timesteps: a CPU copy of timesteps, so the windows are chosen without a device read.
     """
-    terms = {"diffusion": diffusion_loss(output.noise_pred, target)}
+    sample_weights = timestep_weights(
+        timesteps,
+        scheduler.alphas_cumprod,
+        weights.diffusion_weighting,
+        weights.diffusion_weight_max,
+        scheduler.config.prediction_type,
+    )
+    terms = {"diffusion": diffusion_loss(output.noise_pred, target, sample_weights)}
     total = terms["diffusion"]
     if weights.reward_weight > 0:
         terms["reward"], n_reward = reward_loss(

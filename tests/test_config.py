@@ -39,6 +39,7 @@ def test_yaml_override_anchor_values():
     assert depth.optim.batch_size * depth.optim.gradient_accumulation * 8 == 256
     # The published recipes draw training timesteps uniformly.
     assert hed.loss.timestep_sampling == depth.loss.timestep_sampling == "uniform"
+    assert hed.loss.diffusion_weighting == depth.loss.diffusion_weighting == "uniform"  # and the plain MSE
 
 
 def test_cli_override_wins_over_yaml():
@@ -141,6 +142,11 @@ def test_reward_graph_chunk_must_be_positive():
         ("probe.projection_dim=2", "probe.projection_dim .* must be >= 4"),
         ("loss.reward_weight=-0.5", "loss.reward_weight must be >= 0"),
         ("loss.timestep_sampling=logit", "loss.timestep_sampling must be one of uniform, cubic"),
+        ("loss.diffusion_weighting=snr", "loss.diffusion_weighting must be one of uniform, v"),
+        (
+            "loss.diffusion_weight_max=0.5",
+            r"loss.diffusion_weight_max \(the largest weight before normalisation; 1 is uniform\) must be >= 1",
+        ),
         ("model.pretrained_model=' '", "model.pretrained_model must be a non-empty string"),
     ],
 )

@@ -14,6 +14,7 @@ from innercontrol.losses import (
     predict_x0,
     reward_loss,
     sample_timesteps,
+    timestep_weights,
     window_indices,
 )
 from innercontrol.probes import build_probe
@@ -60,6 +61,79 @@ def test_timestep_sampling_uniform_and_cubic():
     assert abs((uniform >= 500).float().mean().item() - 0.5) < 0.005
     with pytest.raises(ValueError, match="unknown timestep sampling 'logit'"):
         sample_timesteps(4, 1000, "logit")
+
+
+def test_v_weighting_of_the_diffusion_loss_by_hand():
+    """loss.diffusion_weighting=v: epsilon MSE x min(1 / alpha_bar_t, cap) / mean over t; uniform: the plain mean."""
+    alphas = torch.tensor([1.0, 0.5, 0.1, 0.01])
+    t = torch.tensor([0, 3, 2, 1])
+    assert timestep_weights(t, alphas, "uniform") is None
+    # factors 1, 2, 10, min(100, 50) = 50; their mean 63 / 4
+    weights = timestep_weights(t, alphas, "v", cap=50.0)
+    assert torch.allclose(weights, torch.tensor([1.0, 50.0, 10.0, 2.0]) / 15.75)
+    # a v-prediction model's MSE is already epsilon MSE / alpha_bar: x alpha_bar
+    v_weights = timestep_weights(t, alphas, "v", cap=50.0, prediction_type="v_prediction")
+    assert torch.allclose(v_weights, torch.tensor([1.0, 0.5, 1.0, 1.0]) / 15.75)
+    with pytest.raises(ValueError, match="unknown diffusion weighting 'snr'"):
+        timestep_weights(t, alphas, "snr")
+    # per-sample MSEs 1, 4, 0, 9 (2 elements each), weighted and averaged over the batch
+    pred = torch.tensor([[1.0, 1.0], [2.0, 2.0], [0.0, 0.0], [3.0, -3.0]])
+    target = torch.zeros(4, 2)
+    expected = (1 * 1 + 50 * 4 + 10 * 0 + 2 * 9) / 15.75 / 4
+    assert diffusion_loss(pred, target, weights).item() == pytest.approx(expected)
+    assert diffusion_loss(pred, target).item() == pytest.approx((1 + 4 + 0 + 9) / 4)
+
+
+def test_v_weighting_is_the_implied_v_error_below_the_cap():
+    """Independent check on SD's schedule: with a cap above every 1 / alpha_bar_t, the weighted epsilon MSE equals
+    the MSE between the v the scheduler defines and the v implied by the predicted epsilon, over the same mean."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    torch.manual_seed(0)
+    x0, noise, eps_hat = torch.randn(3, 5, 4, 2, 2).unbind(0)
+    t = torch.tensor([0, 400, 800, 999, 999])
+    x_t = scheduler.add_noise(x0, noise, t)
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0_hat = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    v_hat = a.sqrt() * eps_hat - (1 - a).sqrt() * x0_hat
+    v = scheduler.get_velocity(x0, noise, t)
+    per_sample_v = (v_hat - v).square().flatten(1).mean(1)
+    norm = (1 / scheduler.alphas_cumprod).mean()
+    weights = timestep_weights(t, scheduler.alphas_cumprod, "v", cap=1e6)
+    assert torch.allclose(weights * (eps_hat - noise).square().flatten(1).mean(1), per_sample_v / norm, rtol=1e-4)
+    assert diffusion_loss(eps_hat, noise, weights).item() == pytest.approx((per_sample_v / norm).mean().item(), 1e-4)
+    # SD's schedule: 1 / alpha_bar runs from 1.0 to 215, so t = 999 weighs ~200x t = 0 without a cap
+    assert 200 < (weights[3] / weights[0]).item() < 230
+    capped = timestep_weights(t, scheduler.alphas_cumprod, "v", cap=50.0)
+    assert capped[3] == capped[4] and torch.isclose(capped[3], capped[2] * 50 * scheduler.alphas_cumprod[800])
+
+
+def test_objective_applies_the_configs_diffusion_weighting():
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from innercontrol.config import load_config
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 3, 4, 2, 2).unbind(0)
+    t = torch.tensor([10, 500, 990])
+    out = SimpleNamespace(noise_pred=pred)
+    published = LossWeights.from_config(load_config(overrides=["loss.reward_weight=0", "loss.alignment_weight=0"]).loss)
+    assert published.diffusion_weighting == "uniform"
+    plain = innercontrol_objective(out, target, pred, t, None, published, scheduler)
+    assert plain["loss"].item() == pytest.approx((pred - target).square().mean().item())
+    cfg = load_config(
+        overrides=["loss.reward_weight=0", "loss.alignment_weight=0", "loss.diffusion_weighting=v",
+                   "loss.diffusion_weight_max=20"]
+    )  # fmt: skip
+    weighted = innercontrol_objective(out, target, pred, t, None, LossWeights.from_config(cfg.loss), scheduler)
+    factor = (1 / scheduler.alphas_cumprod).clamp(max=20)
+    per_sample = (pred - target).square().mean(dim=(1, 2, 3))
+    expected = (factor[t] / factor.mean() * per_sample).mean()
+    assert weighted["loss"].item() == pytest.approx(expected.item()) and weighted["diffusion"] is weighted["loss"]
 
 
 def test_diffusion_loss_and_targets_by_hand():
