@@ -2,7 +2,7 @@
 
     loss = diffusion_mse (optionally weighted per timestep: loss.diffusion_weighting)
          + reward_weight * reward_loss[t in reward_window]
-                         + alignment_weight * alignment_loss[t in alignment_window]
+         + alignment_weight * alignment_loss[t in alignment_window]
 
 Window terms are computed on the in-window samples alone: no VAE decode, condition model or probe
 runs for samples outside the window, and a batch with none costs nothing.
