@@ -227,8 +227,8 @@ def config_changes(before: dict, after: dict) -> list[str]:
 def record_config(output_dir: str | Path, cfg, step: int, resumed: bool) -> list[str]:
     """Write the run's config to output_dir/config.yaml (main process). On a resume the run's previous config.yaml
     is first compared with this one, key by key: each change is logged, and the previous file is kept as
-    config_history/config-until-step-<step>.yaml, so every config the run trained with stays on disk beside the
-    checkpoints. Returns the changes."""
+    config_history/config-until-step-<step>.yaml (-1, -2, ... when the run was resumed at that step before), so every
+    config the run trained with stays on disk beside the checkpoints. Returns the changes."""
     from omegaconf import OmegaConf
 
     output_dir = Path(output_dir)
@@ -241,6 +241,10 @@ def record_config(output_dir: str | Path, cfg, step: int, resumed: bool) -> list
             history = output_dir / CONFIG_HISTORY
             history.mkdir(exist_ok=True)
             kept = history / f"config-until-step-{step}.yaml"
+            repeat = 1
+            while kept.exists():  # resumed at this step before (a crash before the next checkpoint)
+                kept = history / f"config-until-step-{step}-{repeat}.yaml"
+                repeat += 1
             shutil.copyfile(path, kept)
             logger.warning(
                 "resumed at step %d with %d config change(s) from the run's config.yaml (kept as %s): %s",

@@ -404,7 +404,7 @@ RANGES: dict[str, Range] = {
     "loss.alignment_window": TIMESTEP_WINDOW,
     "loss.timestep_sampling": one_of("uniform", "cubic"),
     "loss.diffusion_weighting": one_of("uniform", "v"),
-    "loss.diffusion_weight_max": at_least(1, "the largest weight before normalisation; 1 is uniform"),
+    "loss.diffusion_weight_max": at_least(1, "the largest weight on the epsilon MSE before normalisation"),
     # probe
     "probe.path": optional(NOT_EMPTY),
     "probe.timestep_input": one_of(None, "t", "step_index"),

@@ -84,8 +84,8 @@ def timestep_weights(
     epsilon MSE / alpha_bar_t is the MSE of the implied v (Salimans & Ho's "SNR + 1" weighting of the x0 error):
     under SD1.5's schedule it grows from 1 at t = 0 to 215 at t = 999, so the high-noise steps, where sampling sets
     the layout, weigh more and the nearly clean ones less; truncated at cap, with mean weight 1 over uniform t. A
-    v-prediction model's MSE already is the v MSE (epsilon MSE / alpha_bar_t): its weight is min(1, cap alpha_bar_t),
-    over the same mean.
+    v-prediction model's MSE already is the v MSE (epsilon MSE / alpha_bar_t): its weight is min(1, cap alpha_bar_t)
+    over that factor's mean (uniform for a cap above every 1 / alpha_bar_t).
     """
     if scheme == "uniform":
         return None
@@ -93,10 +93,9 @@ def timestep_weights(
         raise ValueError(f"unknown diffusion weighting '{scheme}' (one of {', '.join(DIFFUSION_WEIGHTINGS)})")
     alphas = alphas_cumprod.to(timesteps.device, torch.float32)
     factor = torch.clamp(1 / alphas, max=cap)
-    weights = factor[timesteps] / factor.mean()
     if prediction_type == "v_prediction":
-        weights = weights * alphas[timesteps]
-    return weights
+        factor = factor * alphas
+    return factor[timesteps] / factor.mean()
 
 
 def diffusion_loss(

@@ -185,6 +185,12 @@ def test_a_resume_logs_each_config_change_and_keeps_the_previous_config(tmp_path
     assert OmegaConf.load(tmp_path / "config.yaml") == second
     assert not list(tmp_path.glob(".tmp-*"))
 
+    # resumed at step 200 again (a crash before the next checkpoint), with a third config: both earlier ones stay
+    third = OmegaConf.merge(second, {"optim": {"lr": 1e-3}})
+    assert record_config(tmp_path, third, 200, resumed=True) == ["optim.lr: 0.0005 -> 0.001"]
+    assert OmegaConf.load(kept) == same
+    assert OmegaConf.load(tmp_path / "config_history" / "config-until-step-200-1.yaml") == second
+
     # started over in the same folder (the run's config is replaced, nothing compared)
     assert record_config(tmp_path, first, 0, resumed=False) == []
     assert OmegaConf.load(tmp_path / "config.yaml") == first

@@ -145,7 +145,7 @@ def test_reward_graph_chunk_must_be_positive():
         ("loss.diffusion_weighting=snr", "loss.diffusion_weighting must be one of uniform, v"),
         (
             "loss.diffusion_weight_max=0.5",
-            r"loss.diffusion_weight_max \(the largest weight before normalisation; 1 is uniform\) must be >= 1",
+            r"loss.diffusion_weight_max \(the largest weight on the epsilon MSE before normalisation\) must be >= 1",
         ),
         ("model.pretrained_model=' '", "model.pretrained_model must be a non-empty string"),
     ],

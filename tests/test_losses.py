@@ -71,9 +71,11 @@ def test_v_weighting_of_the_diffusion_loss_by_hand():
     # factors 1, 2, 10, min(100, 50) = 50; their mean 63 / 4
     weights = timestep_weights(t, alphas, "v", cap=50.0)
     assert torch.allclose(weights, torch.tensor([1.0, 50.0, 10.0, 2.0]) / 15.75)
-    # a v-prediction model's MSE is already epsilon MSE / alpha_bar: x alpha_bar
+    # a v-prediction model's MSE is already epsilon MSE / alpha_bar: x alpha_bar, 1 1 1 0.5, over their mean 0.875
     v_weights = timestep_weights(t, alphas, "v", cap=50.0, prediction_type="v_prediction")
-    assert torch.allclose(v_weights, torch.tensor([1.0, 0.5, 1.0, 1.0]) / 15.75)
+    assert torch.allclose(v_weights, torch.tensor([1.0, 0.5, 1.0, 1.0]) / 0.875)
+    # ... and its plain MSE when nothing is truncated
+    assert torch.allclose(timestep_weights(t, alphas, "v", cap=1e3, prediction_type="v_prediction"), torch.ones(4))
     with pytest.raises(ValueError, match="unknown diffusion weighting 'snr'"):
         timestep_weights(t, alphas, "snr")
     # per-sample MSEs 1, 4, 0, 9 (2 elements each), weighted and averaged over the batch
