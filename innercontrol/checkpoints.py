@@ -231,12 +231,14 @@ def record_config(output_dir: str | Path, cfg, step: int, resumed: bool) -> list
     config the run trained with stays on disk beside the checkpoints. Returns the changes."""
     from omegaconf import OmegaConf
 
+    from innercontrol.report import write_text
+
     output_dir = Path(output_dir)
     path = output_dir / "config.yaml"
-    container = OmegaConf.to_container(cfg, resolve=True)
     changes = []
     if resumed and path.is_file():
-        changes = config_changes(OmegaConf.to_container(OmegaConf.load(path), resolve=True), container)
+        before = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        changes = config_changes(before, OmegaConf.to_container(cfg, resolve=True))
         if changes:
             history = output_dir / CONFIG_HISTORY
             history.mkdir(exist_ok=True)
@@ -254,9 +256,7 @@ def record_config(output_dir: str | Path, cfg, step: int, resumed: bool) -> list
                 "; ".join(changes),
             )
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(OmegaConf.to_yaml(cfg))
-    os.replace(tmp, path)
+    write_text(path, OmegaConf.to_yaml(cfg))  # atomically
     return changes
 
 
