@@ -105,6 +105,9 @@ class LossConfig:
     # configs/mini.yaml).
     diffusion_weighting: str = "uniform"
     diffusion_weight_max: float = 50.0
+    # Multiplier of the denoising MSE in the sum (the published method: 1). Below 1 it gives the reward and
+    # alignment terms a larger share; an option, measured on the miniature (configs/mini.yaml).
+    diffusion_weight: float = 1.0
 
 
 @dataclass
@@ -405,6 +408,7 @@ RANGES: dict[str, Range] = {
     "loss.timestep_sampling": one_of("uniform", "cubic"),
     "loss.diffusion_weighting": one_of("uniform", "v"),
     "loss.diffusion_weight_max": at_least(1, "the largest weight on the epsilon MSE before normalisation"),
+    "loss.diffusion_weight": at_least(0),
     # probe
     "probe.path": optional(NOT_EMPTY),
     "probe.timestep_input": one_of(None, "t", "step_index"),

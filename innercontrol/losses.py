@@ -1,6 +1,6 @@
 """The InnerControl objective (DESIGN sections 1 and 3):
 
-    loss = diffusion_mse (optionally weighted per timestep: loss.diffusion_weighting)
+    loss = diffusion_weight * diffusion_mse (optionally weighted per timestep: loss.diffusion_weighting)
          + reward_weight * reward_loss[t in reward_window]
          + alignment_weight * alignment_loss[t in alignment_window]
 
@@ -198,6 +198,7 @@ class LossWeights:
     alignment_window: tuple[int, int]
     diffusion_weighting: str = "uniform"  # timestep_weights's scheme
     diffusion_weight_max: float = 50.0
+    diffusion_weight: float = 1.0  # multiplier of the denoising term in the sum
 
     @classmethod
     def from_config(cls, loss_cfg) -> LossWeights:
@@ -208,6 +209,7 @@ class LossWeights:
             tuple(loss_cfg.alignment_window),
             loss_cfg.diffusion_weighting,
             float(loss_cfg.diffusion_weight_max),
+            float(loss_cfg.diffusion_weight),
         )
 
 
@@ -238,7 +240,7 @@ def innercontrol_objective(
         scheduler.config.prediction_type,
     )
     terms = {"diffusion": diffusion_loss(output.noise_pred, target, sample_weights)}
-    total = terms["diffusion"]
+    total = weights.diffusion_weight * terms["diffusion"]  # the terms are logged before their weights
     if weights.reward_weight > 0:
         terms["reward"], n_reward = reward_loss(
             noisy_latents,

@@ -40,6 +40,7 @@ def test_yaml_override_anchor_values():
     # The published recipes draw training timesteps uniformly.
     assert hed.loss.timestep_sampling == depth.loss.timestep_sampling == "uniform"
     assert hed.loss.diffusion_weighting == depth.loss.diffusion_weighting == "uniform"  # and the plain MSE
+    assert hed.loss.diffusion_weight == depth.loss.diffusion_weight == 1.0  # at full weight
 
 
 def test_cli_override_wins_over_yaml():
@@ -147,6 +148,7 @@ def test_reward_graph_chunk_must_be_positive():
             "loss.diffusion_weight_max=0.5",
             r"loss.diffusion_weight_max \(the largest weight on the epsilon MSE before normalisation\) must be >= 1",
         ),
+        ("loss.diffusion_weight=-1", "loss.diffusion_weight must be >= 0"),
         ("model.pretrained_model=' '", "model.pretrained_model must be a non-empty string"),
     ],
 )

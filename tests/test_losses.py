@@ -135,7 +135,31 @@ def test_objective_applies_the_configs_diffusion_weighting():
     factor = (1 / scheduler.alphas_cumprod).clamp(max=20)
     per_sample = (pred - target).square().mean(dim=(1, 2, 3))
     expected = (factor[t] / factor.mean() * per_sample).mean()
-    assert weighted["loss"].item() == pytest.approx(expected.item()) and weighted["diffusion"] is weighted["loss"]
+    assert weighted["loss"].item() == pytest.approx(expected.item()) and weighted["diffusion"] == weighted["loss"]
+    # loss.diffusion_weight scales the term in the sum (not the logged term); the other terms keep their weights
+    scaled = LossWeights.from_config(load_config(overrides=["loss.reward_weight=0", "loss.diffusion_weight=0.25"]).loss)
+    assert (scaled.diffusion_weight, scaled.alignment_weight) == (0.25, 1.0)
+    probe_error = torch.tensor([0.5, 0.3, 0.7])  # a stand-in probe: its per-sample error, the alignment term
+    out.features, out.time_embedding = [pred], torch.zeros(3, 1)
+
+    class Condition:
+        def normalize_probe_output(self, x):
+            return x
+
+        def normalize_label(self, x):
+            return x
+
+    def probe(features, embedding):  # returns 2 x - 1 of a map whose MSE to the zero control is probe_error[i]
+        rows = features[0].shape[0]
+        return 2 * probe_error[:rows].sqrt().view(-1, 1, 1, 1).expand(rows, 1, 2, 2) - 1
+
+    control = torch.zeros(3, 1, 2, 2)
+    mixed = innercontrol_objective(out, target, pred, t, control, scaled, scheduler, None, Condition(), probe)
+    mse = (pred - target).square().mean().item()
+    assert mixed["diffusion"].item() == pytest.approx(mse)
+    # t = 10 and 500 lie in the alignment window [0, 920], 990 does not: the first two errors
+    assert mixed["alignment_samples"].item() == 2 and mixed["alignment"].item() == pytest.approx(0.4)
+    assert mixed["loss"].item() == pytest.approx(0.25 * mse + 0.4)
 
 
 def test_diffusion_loss_and_targets_by_hand():
