@@ -8,6 +8,7 @@
 The objective (DESIGN section 3), per micro-batch:
     loss = diffusion_mse + reward_weight * reward_loss[t in reward_window]
                          + alignment_weight * alignment_loss[t in alignment_window]
+(the published method; loss.diffusion_weight and loss.diffusion_weighting are options that weigh the first term).
 Only the ControlNet is trained; UNet, VAE, text encoder, probe and condition model are frozen.
 Checkpoints go to <output_dir>/checkpoints/checkpoint-<step> (resume with logging.resume=latest); the final
 ControlNet and its EMA are written with save_pretrained to <output_dir>/controlnet and <output_dir>/controlnet_ema

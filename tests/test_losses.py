@@ -136,30 +136,42 @@ def test_objective_applies_the_configs_diffusion_weighting():
     per_sample = (pred - target).square().mean(dim=(1, 2, 3))
     expected = (factor[t] / factor.mean() * per_sample).mean()
     assert weighted["loss"].item() == pytest.approx(expected.item()) and weighted["diffusion"] == weighted["loss"]
-    # loss.diffusion_weight scales the term in the sum (not the logged term); the other terms keep their weights
+
+
+def test_objective_scales_the_diffusion_term_by_diffusion_weight():
+    """loss.diffusion_weight multiplies the denoising term in the sum (the logged term stays unweighted); the
+    alignment term, from a stand-in probe whose per-sample error is known, keeps its own weight."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from innercontrol.config import load_config
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 3, 4, 2, 2).unbind(0)
+    t = torch.tensor([10, 990, 500])  # 990 lies outside the alignment window [0, 920]
     scaled = LossWeights.from_config(load_config(overrides=["loss.reward_weight=0", "loss.diffusion_weight=0.25"]).loss)
     assert (scaled.diffusion_weight, scaled.alignment_weight) == (0.25, 1.0)
-    probe_error = torch.tensor([0.5, 0.3, 0.7])  # a stand-in probe: its per-sample error, the alignment term
-    out.features, out.time_embedding = [pred], torch.zeros(3, 1)
+    # The probe's "features" are each sample's error: it returns 2 sqrt(e) - 1 everywhere, which the objective maps
+    # back to sqrt(e) in [0, 1], whose MSE against an all-zero control is e.
+    errors = torch.tensor([0.5, 0.3, 0.7]).view(3, 1, 1, 1)
+    out = SimpleNamespace(noise_pred=pred, features=[errors], time_embedding=torch.zeros(3, 1))
 
-    class Condition:
-        def normalize_probe_output(self, x):
-            return x
+    def probe(features, embedding):
+        return (2 * features[0].sqrt() - 1).expand(-1, 1, 2, 2)
 
-        def normalize_label(self, x):
-            return x
-
-    def probe(features, embedding):  # returns 2 x - 1 of a map whose MSE to the zero control is probe_error[i]
-        rows = features[0].shape[0]
-        return 2 * probe_error[:rows].sqrt().view(-1, 1, 1, 1).expand(rows, 1, 2, 2) - 1
-
+    identity = SimpleNamespace(normalize_probe_output=lambda x: x, normalize_label=lambda x: x)
     control = torch.zeros(3, 1, 2, 2)
-    mixed = innercontrol_objective(out, target, pred, t, control, scaled, scheduler, None, Condition(), probe)
+    terms = innercontrol_objective(out, target, pred, t, control, scaled, scheduler, None, identity, probe)
     mse = (pred - target).square().mean().item()
-    assert mixed["diffusion"].item() == pytest.approx(mse)
-    # t = 10 and 500 lie in the alignment window [0, 920], 990 does not: the first two errors
-    assert mixed["alignment_samples"].item() == 2 and mixed["alignment"].item() == pytest.approx(0.4)
-    assert mixed["loss"].item() == pytest.approx(0.25 * mse + 0.4)
+    assert terms["diffusion"].item() == pytest.approx(mse)  # logged before its weight
+    # samples 0 and 2 (t = 10, 500): errors 0.5 and 0.7
+    assert terms["alignment_samples"].item() == 2 and terms["alignment"].item() == pytest.approx(0.6)
+    assert terms["loss"].item() == pytest.approx(0.25 * mse + 0.6)
+    published = LossWeights.from_config(load_config(overrides=["loss.reward_weight=0"]).loss)
+    full = innercontrol_objective(out, target, pred, t, control, published, scheduler, None, identity, probe)
+    assert full["loss"].item() == pytest.approx(mse + 0.6)
 
 
 def test_diffusion_loss_and_targets_by_hand():
