@@ -161,7 +161,7 @@ def test_objective_scales_the_diffusion_term_by_diffusion_weight():
     def probe(features, embedding):
         return (2 * features[0].sqrt() - 1).expand(-1, 1, 2, 2)
 
-    identity = SimpleNamespace(normalize_probe_output=lambda x: x, normalize_label=lambda x: x)
+    identity = IdentityNormCondition()
     control = torch.zeros(3, 1, 2, 2)
     terms = innercontrol_objective(out, target, pred, t, control, scaled, scheduler, None, identity, probe)
     mse = (pred - target).square().mean().item()
