@@ -217,6 +217,9 @@ class EvalConfig:
     scheduler: str = "auto"
     # T2I-Adapter strength; null = the published setting (0.5 for the line-art adapter, 1.0 otherwise).
     adapter_conditioning_scale: Optional[float] = None
+    # ControlNet strength: the multiplier of its residuals (diffusers' controlnet_conditioning_scale); 1.0 = the
+    # published evaluation.
+    controlnet_conditioning_scale: float = 1.0
     # A VAE that replaces the base model's in evaluation (hub id or folder): the published SDXL evaluation decodes
     # with madebyollin/sdxl-vae-fp16-fix (SDXL's own VAE overflows in fp16); null = the base model's VAE.
     vae: Optional[str] = None
@@ -470,6 +473,7 @@ RANGES: dict[str, Range] = {
     "eval.model_kind": one_of("controlnet", "t2i_adapter"),
     "eval.scheduler": one_of("auto", "unipc", "euler_ancestral"),
     "eval.adapter_conditioning_scale": optional(at_least(0)),
+    "eval.controlnet_conditioning_scale": at_least(0),
     "eval.vae": optional(NOT_EMPTY),
 }
 

@@ -130,6 +130,13 @@ def adapter_scale(cfg) -> float:
     return 0.5 if cfg.condition.name == "lineart" else 1.0
 
 
+def controlnet_scale(cfg, controlnet: str) -> Optional[float]:
+    """eval.controlnet_conditioning_scale for a ControlNet; None where there is no ControlNet (floor, adapter)."""
+    if is_floor(controlnet) or is_adapter(cfg):
+        return None
+    return float(cfg.eval.controlnet_conditioning_scale)
+
+
 def generation_fingerprint(cfg, controlnet: str, dtype: torch.dtype) -> dict:
     """The settings behind the generated images; the models by the sha256 of their files, so retrained weights in
     the same folder are a different setting (content_digest hashes each file once per process)."""
@@ -144,6 +151,7 @@ def generation_fingerprint(cfg, controlnet: str, dtype: torch.dtype) -> dict:
         "model_kind": NO_CONTROLNET if is_floor(controlnet) else cfg.eval.model_kind,
         "scheduler": scheduler_name(cfg),
         "adapter_conditioning_scale": adapter_scale(cfg) if is_adapter(cfg) and not is_floor(controlnet) else None,
+        "controlnet_conditioning_scale": controlnet_scale(cfg, controlnet),
         "vae_sha256": content_digest(resolve_model(cfg.eval.vae, "VAE", "eval.vae")) if cfg.eval.vae else None,
         **{key: cfg.eval[key] for key in keys},
     }
@@ -155,6 +163,8 @@ def check_fingerprint(path: Path, expected: dict, what: str) -> None:
     if "model_kind" not in found:  # written before T2I-Adapters: a ControlNet (or none) sampled with UniPC
         found.update(model_kind=found.get("controlnet") if found.get("controlnet") == NO_CONTROLNET else "controlnet",
                      scheduler="unipc", adapter_conditioning_scale=None, vae_sha256=None)  # fmt: skip
+    if "controlnet_conditioning_scale" not in found:  # written before the option: a ControlNet at the published 1.0
+        found["controlnet_conditioning_scale"] = 1.0 if found.get("model_kind") == "controlnet" else None
     found = {k: normalized_path(found.get(k)) if k in PATH_KEYS else found.get(k) for k in expected}
     changed = changed_settings(found, expected, [k for k in expected if k not in LOCATION_KEYS])
     if changed:
@@ -283,14 +293,17 @@ def load_pipeline(cfg, controlnet: str, device: torch.device, dtype: torch.dtype
 
 
 def control_input(cfg, pipe, controls: torch.Tensor) -> dict:
-    """The pipeline's control arguments: the controls for a ControlNet pipeline; for a T2I-Adapter pipeline the
+    """The pipeline's control arguments: the controls and eval.controlnet_conditioning_scale for a ControlNet
+    pipeline; for a T2I-Adapter pipeline the
     controls (one channel for a one-channel adapter, e.g. sketch / line art) and the conditioning scale; nothing for
     the base alone."""
     if hasattr(pipe, "adapter"):
         if pipe.adapter.config.in_channels == 1:
             controls = controls[:, :1]  # the saved control maps are grayscale stored as RGB
         return {"image": controls, "adapter_conditioning_scale": adapter_scale(cfg)}
-    return {"image": controls} if hasattr(pipe, "controlnet") else {}
+    if hasattr(pipe, "controlnet"):
+        return {"image": controls, "controlnet_conditioning_scale": float(cfg.eval.controlnet_conditioning_scale)}
+    return {}
 
 
 def missing_images(cfg, out: Path, indices: list[int]) -> list[tuple[int, int]]:

@@ -148,6 +148,8 @@ def report_markdown(cfg, results: dict) -> str:
     sampler = {"euler_ancestral": "Euler ancestral"}.get(settings.get("scheduler"), "UniPC")
     if settings.get("adapter_conditioning_scale") is not None:
         kind += f" (conditioning scale {settings['adapter_conditioning_scale']:g})"
+    if settings.get("controlnet_conditioning_scale") not in (None, 1.0):  # 1.0: the published evaluation's
+        kind += f" (conditioning scale {settings['controlnet_conditioning_scale']:g})"
     lines = [
         f"# Evaluation: {condition}, guidance {guidance:g}",
         "",

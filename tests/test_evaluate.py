@@ -520,6 +520,7 @@ def test_floor_without_controlnet_and_the_real_image_ceiling(tiny_dir, eval_set,
     results = ev.evaluate(cfg, "none", {"control"}, accelerator)
     settings = json.loads((out / "generation.json").read_text())
     assert settings["controlnet"] == "none" and settings["controlnet_sha256"] == "none"
+    assert settings["controlnet_conditioning_scale"] is None  # no ControlNet: the scale is not a setting of the floor
 
     # The floor's image 0 is the base pipeline's image for the same prompt and seed (no control input at all).
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
@@ -537,6 +538,47 @@ def test_floor_without_controlnet_and_the_real_image_ceiling(tiny_dir, eval_set,
         "Ceiling: the real eval images scored against their own controls by the same evaluator: rmse "
         in (out / "report.md").read_text()
     )
+
+
+def test_controlnet_conditioning_scale_is_the_pipelines_and_part_of_the_setting(
+    tiny_dir, eval_set, tmp_path, data_front_end, capsys
+):
+    """eval.controlnet_conditioning_scale multiplies the ControlNet's residuals as diffusers' pipeline argument does;
+    it is recorded, a folder made at another scale is refused, and a folder written before the option (no key) is
+    read as the published 1.0."""
+    from accelerate import Accelerator
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+
+    out, accelerator, net = tmp_path / "scaled", Accelerator(cpu=True), tiny_dir / "controlnet"
+    cfg = small_config(tiny_dir, eval_set, out, **{"eval.controlnet_conditioning_scale": 3.0})
+    ev.evaluate(cfg, str(net), {"control"}, accelerator)
+    assert json.loads((out / "generation.json").read_text())["controlnet_conditioning_scale"] == 3.0
+    assert "ControlNet (conditioning scale 3) `" in (out / "report.md").read_text()
+
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        tiny_dir, controlnet=ControlNetModel.from_pretrained(net), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    ours = saved_image(out, 0)
+    assert np.abs(ours - direct_image(pipe, cfg, out, 0, controlnet_conditioning_scale=3.0)).max() <= 1 / 255 + 1e-6
+    assert np.abs(ours - direct_image(pipe, cfg, out, 0, controlnet_conditioning_scale=1.0)).mean() > 0.01
+
+    default = small_config(tiny_dir, eval_set, out)
+    assert default.eval.controlnet_conditioning_scale == 1.0
+    with pytest.raises(ConfigError, match="controlnet_conditioning_scale: 3.0 on disk, 1.0 now"):
+        ev.evaluate(default, str(net), {"control"}, accelerator)
+    with pytest.raises(ConfigError, match="eval.controlnet_conditioning_scale"):
+        small_config(tiny_dir, eval_set, out, **{"eval.controlnet_conditioning_scale": -1})
+
+    # A folder from before the option: generated at 1.0, so the default reuses it.
+    old = tmp_path / "old"
+    ev.evaluate(small_config(tiny_dir, eval_set, old), str(net), {"control"}, accelerator)
+    settings = json.loads((old / "generation.json").read_text())
+    assert settings.pop("controlnet_conditioning_scale") == 1.0
+    (old / "generation.json").write_text(json.dumps(settings))
+    capsys.readouterr()
+    ev.evaluate(small_config(tiny_dir, eval_set, old), str(net), {"control"}, accelerator)
+    assert "generated 0 new images (2 were already on disk)" in capsys.readouterr().out
 
 
 def test_fid_on_clip_features_matches_the_clip_image_embeddings(tiny_dir, tmp_path):
