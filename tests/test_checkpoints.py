@@ -191,6 +191,8 @@ def test_a_resume_logs_each_config_change_and_keeps_the_previous_config(tmp_path
     assert OmegaConf.load(kept) == same
     assert OmegaConf.load(tmp_path / "config_history" / "config-until-step-200-1.yaml") == second
 
-    # started over in the same folder (the run's config is replaced, nothing compared)
+    # started over in the same folder (the run's config is replaced, nothing compared, the earlier run's history
+    # removed: e.g. logging.resume=latest that found no checkpoint)
     assert record_config(tmp_path, first, 0, resumed=False) == []
     assert OmegaConf.load(tmp_path / "config.yaml") == first
+    assert not (tmp_path / "config_history").exists()
