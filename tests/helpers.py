@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import torch
 from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """bench/<name>.py as a module (the bench scripts are files, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 
 
 class IdentityNormCondition:

@@ -141,6 +141,22 @@ def direct_image(pipe, cfg, out: Path, index: int, control: bool = True, **extra
     ).images[0]
 
 
+def reference_pipeline(pipeline_class, scheduler_class, folder: Path, **parts):
+    """A diffusers pipeline made here from the tiny SD1.5 folder, with the evaluation's sampler (the reference that
+    the evaluation's images are compared with)."""
+    pipe = pipeline_class.from_pretrained(folder, **parts, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def assert_reference_image(pipe, cfg, out: Path, same: dict, other: dict) -> None:
+    """Saved image 0 is the reference pipeline's image with the arguments `same` (to one pixel level) and visibly
+    not its image with `other` (the setting under test changes the image)."""
+    ours = saved_image(out, 0)
+    assert np.abs(ours - direct_image(pipe, cfg, out, 0, **same)).max() <= 1 / 255 + 1e-6
+    assert np.abs(ours - direct_image(pipe, cfg, out, 0, **other)).mean() > 0.01
+
+
 def saved_image(out: Path, index: int) -> np.ndarray:
     return np.asarray(Image.open(out / "images" / "group_0" / f"{index}.png"), dtype=np.float64) / 255
 
@@ -523,8 +539,7 @@ def test_floor_without_controlnet_and_the_real_image_ceiling(tiny_dir, eval_set,
     assert settings["controlnet_conditioning_scale"] is None  # no ControlNet: the scale is not a setting of the floor
 
     # The floor's image 0 is the base pipeline's image for the same prompt and seed (no control input at all).
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe = reference_pipeline(StableDiffusionPipeline, UniPCMultistepScheduler, tiny_dir)
     assert np.abs(saved_image(out, 0) - direct_image(pipe, cfg, out, 0, control=False)).max() <= 1 / 255 + 1e-6
 
     # Ceiling: the depth model on the real eval images against the exported controls, computed here directly.
@@ -555,13 +570,13 @@ def test_controlnet_conditioning_scale_is_the_pipelines_and_part_of_the_setting(
     assert json.loads((out / "generation.json").read_text())["controlnet_conditioning_scale"] == 3.0
     assert "ControlNet (conditioning scale 3) `" in (out / "report.md").read_text()
 
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(
-        tiny_dir, controlnet=ControlNetModel.from_pretrained(net), safety_checker=None, requires_safety_checker=False
+    controlnet = ControlNetModel.from_pretrained(net)
+    pipe = reference_pipeline(
+        StableDiffusionControlNetPipeline, UniPCMultistepScheduler, tiny_dir, controlnet=controlnet
     )
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
-    ours = saved_image(out, 0)
-    assert np.abs(ours - direct_image(pipe, cfg, out, 0, controlnet_conditioning_scale=3.0)).max() <= 1 / 255 + 1e-6
-    assert np.abs(ours - direct_image(pipe, cfg, out, 0, controlnet_conditioning_scale=1.0)).mean() > 0.01
+    assert_reference_image(
+        pipe, cfg, out, {"controlnet_conditioning_scale": 3.0}, {"controlnet_conditioning_scale": 1.0}
+    )
 
     default = small_config(tiny_dir, eval_set, out)
     assert default.eval.controlnet_conditioning_scale == 1.0
@@ -646,14 +661,12 @@ def test_t2i_adapter_evaluation_with_the_published_settings(tiny_dir, eval_set, 
     report = (out / "report.md").read_text()
     assert "T2I-Adapter (conditioning scale 1)" in report and "Euler ancestral steps" in report
 
-    pipe = StableDiffusionAdapterPipeline.from_pretrained(
-        tiny_dir, adapter=T2IAdapter.from_pretrained(adapter_dir), safety_checker=None, requires_safety_checker=False
+    adapter = T2IAdapter.from_pretrained(adapter_dir)
+    pipe = reference_pipeline(
+        StableDiffusionAdapterPipeline, EulerAncestralDiscreteScheduler, tiny_dir, adapter=adapter
     )
-    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
-    ours = saved_image(out, 0)
-    assert np.abs(ours - direct_image(pipe, cfg, out, 0, adapter_conditioning_scale=1.0)).max() <= 1 / 255 + 1e-6
-    # without the adapter's features the image is another
-    assert np.abs(ours - direct_image(pipe, cfg, out, 0, adapter_conditioning_scale=0.0)).mean() > 0.01
+    # without the adapter's features (scale 0) the image is another
+    assert_reference_image(pipe, cfg, out, {"adapter_conditioning_scale": 1.0}, {"adapter_conditioning_scale": 0.0})
 
     # The published line-art setting, explicit overrides, and the readout's refusal.
     lineart = small_config(tiny_dir, eval_set, out, **{"eval.model_kind": "t2i_adapter", "condition.name": "lineart"})

@@ -1,7 +1,6 @@
 """bench/layout_bound.py on the tiny random models: its images are diffusers' img2img images, its scores the
 evaluation's metric computed here directly, and a rerun generates nothing."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,16 +12,11 @@ from PIL import Image
 from innercontrol import evaluate as ev
 from innercontrol import metrics
 from innercontrol.config import ConfigError
-from tests.test_evaluate import small_config, write_eval_set
+
+from .helpers import load_bench_script
+from .test_evaluate import reference_pipeline, small_config, write_eval_set
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("layout_bound", ROOT / "bench" / "layout_bound.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_sdedit_levels_match_diffusers_and_the_metric_and_resume(tiny_dir, tmp_path, capsys):
@@ -31,7 +25,7 @@ def test_sdedit_levels_match_diffusers_and_the_metric_and_resume(tiny_dir, tmp_p
 
     from innercontrol.conditions import get_condition
 
-    lb = load_script()
+    lb = load_bench_script("layout_bound")
     eval_set, eval_dir, work, out = (
         write_eval_set(tmp_path / "set"),
         tmp_path / "eval",
@@ -52,8 +46,7 @@ def test_sdedit_levels_match_diffusers_and_the_metric_and_resume(tiny_dir, tmp_p
 
     scores = json.loads((work / "scores.json").read_text())["levels"]
     assert sorted(scores) == ["0.5", "1"]
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe = reference_pipeline(StableDiffusionImg2ImgPipeline, UniPCMultistepScheduler, tiny_dir)
     pipe.scheduler.set_timesteps(2)
     assert scores["0.5"]["first_timestep"] == int(pipe.scheduler.timesteps[1])  # int(2 * 0.5) = 1 step: the last
     assert scores["1"]["first_timestep"] == int(pipe.scheduler.timesteps[0])

@@ -2,23 +2,15 @@
 (the machinery only: random weights say nothing about the methods)."""
 
 import csv
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import load_bench_script
+
 pytestmark = pytest.mark.slow
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("method_comparison", ROOT / "bench" / "method_comparison.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_two_arms_end_to_end_resumable_with_paired_differences(tiny_dir, tmp_path, capsys):
@@ -30,7 +22,7 @@ def test_two_arms_end_to_end_resumable_with_paired_differences(tiny_dir, tmp_pat
     from innercontrol.controlled_unet import tapped_channels
     from innercontrol.probes import build_probe
 
-    mc = load_script()
+    mc = load_bench_script("method_comparison")
     work, out = tmp_path / "work", tmp_path / "report"
     shutil.copytree(tiny_dir, work / "tiny")  # the script's own tiny pipeline, made once here
     # A random probe for the tiny UNet's ResNet taps (configs/tiny.yaml): a few probe steps on random weights do

@@ -1,6 +1,5 @@
 """bench/step_cost.py: FLOP counting against a hand count, and the table with its throughput columns (tiny preset)."""
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -9,19 +8,13 @@ from pathlib import Path
 
 import torch
 
+from .helpers import load_bench_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("step_cost", ROOT / "bench" / "step_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_flop_count_of_a_linear_training_step_by_hand():
-    bench = load_bench()
+    bench = load_bench_script("step_cost")
     layer = torch.nn.Linear(16, 8, bias=False)
     x = torch.randn(4, 16, requires_grad=True)
 
@@ -33,7 +26,7 @@ def test_flop_count_of_a_linear_training_step_by_hand():
 
 
 def test_peak_table_lookup():
-    bench = load_bench()
+    bench = load_bench_script("step_cost")
     assert bench.peak_tflops("NVIDIA H200", "bf16") == 989.0
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "fp16") == 312.0
     assert bench.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0  # not the SXM part's peak
