@@ -228,8 +228,8 @@ def record_config(output_dir: str | Path, cfg, step: int, resumed: bool) -> list
     """Write the run's config to output_dir/config.yaml (main process). On a resume the run's previous config.yaml
     is first compared with this one, key by key: each change is logged, and the previous file is kept as
     config_history/config-until-step-<step>.yaml (-1, -2, ... when the run was resumed at that step before), so every
-    config the run trained with stays on disk beside the checkpoints; a fresh start removes an earlier run's
-    config_history. Returns the changes."""
+    config the run trained with stays on disk beside the checkpoints; a fresh start moves an earlier run's
+    config_history to config_history-earlier-run(-<n>). Returns the changes."""
     from omegaconf import OmegaConf
 
     from innercontrol.report import write_text
@@ -258,10 +258,15 @@ def record_config(output_dir: str | Path, cfg, step: int, resumed: bool) -> list
             )
     history = output_dir / CONFIG_HISTORY
     if not resumed and history.is_dir():
-        # A fresh start (e.g. logging.resume=latest with no checkpoint): the earlier run's configs describe
-        # checkpoints that no longer exist, and would be read as this run's history.
-        shutil.rmtree(history)
-        logger.info("fresh start: removed %s (the configs of an earlier run with no checkpoint left)", history)
+        # A fresh start (e.g. logging.resume=latest with no checkpoint): the earlier run's configs would be read as
+        # this run's history. They are set aside, not deleted (that run's final model may still be in the folder).
+        aside = output_dir / f"{CONFIG_HISTORY}-earlier-run"
+        repeat = 1
+        while aside.exists():
+            aside = output_dir / f"{CONFIG_HISTORY}-earlier-run-{repeat}"
+            repeat += 1
+        history.rename(aside)
+        logger.warning("fresh start: the earlier run's config history moved to %s", aside)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text(path, OmegaConf.to_yaml(cfg))  # atomically
     return changes

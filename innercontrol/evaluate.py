@@ -669,7 +669,9 @@ def probe_readout(cfg, controlnet: str, probe_path: str, num_samples: int = 8, a
         }
         for step, entries in sorted(errors.items())
     ]
-    write_readout(out, table, probe_path, len(indices))
+    scale = controlnet_scale(cfg, controlnet)
+    setting = f", ControlNet conditioning scale {scale:g}" if scale not in (None, 1.0) else ""
+    write_readout(out, table, probe_path, len(indices), setting)
     return table
 
 

@@ -295,8 +295,9 @@ def make_grid(cfg, out: Path, num_samples: int) -> Optional[Path]:
     return out / "grid.png"
 
 
-def write_readout(out: Path, table: list[dict], probe_path: str, num_samples: int) -> None:
-    """Table, CSV and plot of the probe's error at each sampling step, beside the mean-map baseline."""
+def write_readout(out: Path, table: list[dict], probe_path: str, num_samples: int, setting: str = "") -> None:
+    """Table, CSV and plot of the probe's error at each sampling step, beside the mean-map baseline; `setting` names
+    a non-default generation setting in the heading."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,7 +308,7 @@ def write_readout(out: Path, table: list[dict], probe_path: str, num_samples: in
         writer.writeheader()
         writer.writerows(table)
     lines = [
-        f"# Probe readout: `{probe_path}`, {num_samples} prompts",
+        f"# Probe readout: `{probe_path}`, {num_samples} prompts{setting}",
         "",
         "Alignment error (MSE of the normalised probe prediction against the input control) at each sampling step, "
         "beside the baseline: the error of predicting the mean control map of these prompts for every one of them.",

@@ -192,7 +192,11 @@ def test_a_resume_logs_each_config_change_and_keeps_the_previous_config(tmp_path
     assert OmegaConf.load(tmp_path / "config_history" / "config-until-step-200-1.yaml") == second
 
     # started over in the same folder (the run's config is replaced, nothing compared, the earlier run's history
-    # removed: e.g. logging.resume=latest that found no checkpoint)
+    # set aside: e.g. logging.resume=latest that found no checkpoint), twice
     assert record_config(tmp_path, first, 0, resumed=False) == []
     assert OmegaConf.load(tmp_path / "config.yaml") == first
     assert not (tmp_path / "config_history").exists()
+    assert OmegaConf.load(tmp_path / "config_history-earlier-run" / "config-until-step-200.yaml") == same
+    (tmp_path / "config_history").mkdir()
+    assert record_config(tmp_path, first, 0, resumed=False) == []
+    assert (tmp_path / "config_history-earlier-run-1").is_dir() and not (tmp_path / "config_history").exists()

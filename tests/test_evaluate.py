@@ -316,6 +316,16 @@ def test_probe_readout_records_every_step(tiny_dir, eval_set, tmp_path, data_fro
     expected = ((labels - labels.mean(0)) ** 2).mean().item()
     assert all(row["mean_map_mse"] == pytest.approx(expected, rel=1e-5) for row in table) and expected > 0
 
+    # At another ControlNet conditioning scale the features (so the probe's error) change, and the heading says so.
+    scaled = load_config(
+        str(ROOT / "configs" / "tiny.yaml"),
+        tiny_overrides(tiny_dir, eval_set, tmp_path / "scaled", **{"eval.controlnet_conditioning_scale": 2.0}),
+    )
+    table_scaled = ev.probe_readout(scaled, str(tiny_dir / "controlnet"), str(tmp_path / "probe"), 3)
+    assert "ControlNet conditioning scale 2" in (tmp_path / "scaled" / "probe_readout.md").read_text()
+    assert "conditioning scale" not in (out / "probe_readout.md").read_text()
+    assert table_scaled[-1]["probe_mse"] != pytest.approx(table[-1]["probe_mse"], rel=1e-4)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize(

@@ -32,8 +32,8 @@ def test_sdedit_levels_match_diffusers_and_the_metric_and_resume(tiny_dir, tmp_p
         tmp_path / "work",
         tmp_path / "out",
     )
-    overrides = small_config(tiny_dir, eval_set, eval_dir)  # two prompts, 2 UniPC steps, 128 px
-    ev.evaluate(overrides, "none", {"control"}, Accelerator(cpu=True))
+    floor_cfg = small_config(tiny_dir, eval_set, eval_dir)  # two prompts, 2 UniPC steps, 128 px
+    ev.evaluate(floor_cfg, "none", {"control"}, Accelerator(cpu=True))
     args = [f"{k}={v}" for k, v in {
         "model.pretrained_model": tiny_dir, "condition.name": "depth", "condition.eval_model": tiny_dir / "dpt",
         "eval.dataset": eval_set, "eval.split": "validation", "eval.control_column": "control_depth",
@@ -47,27 +47,39 @@ def test_sdedit_levels_match_diffusers_and_the_metric_and_resume(tiny_dir, tmp_p
     scores = json.loads((work / "scores.json").read_text())["levels"]
     assert sorted(scores) == ["0.5", "1"]
     pipe = reference_pipeline(StableDiffusionImg2ImgPipeline, UniPCMultistepScheduler, tiny_dir)
-    pipe.scheduler.set_timesteps(2)
-    assert scores["0.5"]["first_timestep"] == int(pipe.scheduler.timesteps[1])  # int(2 * 0.5) = 1 step: the last
-    assert scores["1"]["first_timestep"] == int(pipe.scheduler.timesteps[0])
-
     samples = json.loads((eval_dir / "eval_set.json").read_text())["samples"]
     real = ev.load_images([eval_dir / "real" / f"{i}.png" for i in range(2)])
-    direct = pipe(
-        prompt=[s["caption"] for s in samples],
-        image=real,
-        strength=0.5,
-        negative_prompt=["worst quality, low quality"] * 2,  # the eval's default
-        num_inference_steps=2,
-        guidance_scale=7.5,  # configs/tiny.yaml's
-        generator=[torch.Generator().manual_seed(ev.image_seed(42, i, 0)) for i in range(2)],
-        output_type="np",
-    ).images
-    level = work / "strength_0.50"
+
+    def direct(strength):
+        """diffusers' img2img images for strength, and the timesteps it ran (recorded as it runs them)."""
+        ran = []
+
+        def record(pipeline, step, timestep, kwargs):
+            ran.append(int(timestep))
+            return kwargs
+
+        images = pipe(
+            prompt=[s["caption"] for s in samples],
+            image=real,
+            strength=strength,
+            negative_prompt=["worst quality, low quality"] * 2,  # the eval's default
+            num_inference_steps=2,
+            guidance_scale=7.5,  # configs/tiny.yaml's
+            generator=[torch.Generator().manual_seed(ev.image_seed(42, i, 0)) for i in range(2)],
+            output_type="np",
+            callback_on_step_end=record,
+        ).images
+        return images, ran
+
+    images, ran = direct(0.5)
+    assert len(ran) == 1 and scores["0.5"]["first_timestep"] == ran[0]  # int(2 * 0.5) = 1 step: the last one
+    _, ran_whole = direct(1.0)
+    assert len(ran_whole) == 2 and scores["1"]["first_timestep"] == ran_whole[0] > ran[0]
+    level = work / "strength_0.5"
     ours = np.stack(
         [np.asarray(Image.open(level / "images" / "group_0" / f"{i}.png"), dtype=np.float64) / 255 for i in range(2)]
     )
-    assert np.abs(ours - direct).max() <= 1 / 255 + 1e-6
+    assert np.abs(ours - images).max() <= 1 / 255 + 1e-6
 
     depth = get_condition("depth", str(tiny_dir / "dpt"), purpose="eval")
     controls = ev.load_images([eval_dir / "controls" / f"{i}.png" for i in range(2)])
@@ -82,15 +94,44 @@ def test_sdedit_levels_match_diffusers_and_the_metric_and_resume(tiny_dir, tmp_p
     assert f"| 0.5 | {scores['0.5']['first_timestep']} | {scores['0.5']['scores']['rmse']['mean']:.2f} |" in report
     assert f"| floor | {floor:.2f} |" in report and (out / "layout_bound.png").is_file()
 
-    # A rerun generates nothing; other settings in the same --work are refused; bad arguments name the fix.
+    # A rerun generates nothing; an interrupted level (one image and its scores missing) makes only that image.
     before = {p: p.stat().st_mtime_ns for p in work.rglob("*.png")}
     lb.main(command)
     assert {p: p.stat().st_mtime_ns for p in work.rglob("*.png")} == before
-    with pytest.raises(ConfigError, match="holds scores of other settings"):
+    (level / "images" / "group_0" / "1.png").unlink()
+    kept = json.loads((work / "scores.json").read_text())
+    del kept["levels"]["0.5"]
+    (work / "scores.json").write_text(json.dumps(kept))
+    lb.main(command)
+    after = {p: p.stat().st_mtime_ns for p in work.rglob("*.png")}
+    assert [p for p in after if after[p] != before.get(p)] == [level / "images" / "group_0" / "1.png"]
+    again = json.loads((work / "scores.json").read_text())["levels"]["0.5"]["scores"]["rmse"]["per_image"]
+    assert again == pytest.approx(independent.tolist(), rel=1e-5)
+
+    # --report-only rewrites the report from disk; other settings in the same --work are refused; bad arguments
+    # name the fix.
+    (out / "LAYOUT_BOUND.md").unlink()
+    lb.main(command + ["--report-only"])
+    assert (out / "LAYOUT_BOUND.md").read_text() == report
+    with pytest.raises(ConfigError, match="holds images of other settings .*guidance_scale: 7.5 on disk, 3.0 now"):
         lb.main(command + ["eval.guidance_scale=3.0"])
+    with pytest.raises(ConfigError, match="holds no scores yet"):
+        lb.main(command + ["--work", str(tmp_path / "empty"), "--report-only"])
     with pytest.raises(ConfigError, match=r"every strength must lie in \(0, 1\]"):
         lb.main(command[: -len(args)] + ["--strengths", "0,0.5"] + args)
+    with pytest.raises(ConfigError, match=r"0.4 runs no sampling step with eval.num_inference_steps=2"):
+        lb.main(command[: -len(args)] + ["--strengths", "0.4,1"] + args)
     with pytest.raises(ConfigError, match="holds no finished evaluation"):
-        lb.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--eval-dir", str(tmp_path / "none"), *args])
+        lb.main(
+            [
+                "--config",
+                str(ROOT / "configs" / "tiny.yaml"),
+                "--eval-dir",
+                str(tmp_path / "none"),
+                "--strengths",
+                "1",
+                *args,
+            ]
+        )
     with pytest.raises(ConfigError, match="--compare 'floor'"):
         lb.main(command + ["--compare", "floor"])
