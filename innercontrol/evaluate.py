@@ -294,9 +294,8 @@ def load_pipeline(cfg, controlnet: str, device: torch.device, dtype: torch.dtype
 
 def control_input(cfg, pipe, controls: torch.Tensor) -> dict:
     """The pipeline's control arguments: the controls and eval.controlnet_conditioning_scale for a ControlNet
-    pipeline; for a T2I-Adapter pipeline the
-    controls (one channel for a one-channel adapter, e.g. sketch / line art) and the conditioning scale; nothing for
-    the base alone."""
+    pipeline; the controls (one channel for a one-channel adapter, e.g. sketch / line art) and the conditioning scale
+    for a T2I-Adapter pipeline; nothing for the base alone."""
     if hasattr(pipe, "adapter"):
         if pipe.adapter.config.in_channels == 1:
             controls = controls[:, :1]  # the saved control maps are grayscale stored as RGB
