@@ -39,7 +39,6 @@ from innercontrol import evaluate as ev  # noqa: E402
 from innercontrol.config import ConfigError, load_config  # noqa: E402
 from innercontrol.families import family_of  # noqa: E402
 from innercontrol.fingerprint import changed_settings, normalized_path  # noqa: E402
-from innercontrol.hub import resolve_model  # noqa: E402
 from innercontrol.models import stable_diffusion_folder  # noqa: E402
 from innercontrol.report import save_png, write_text  # noqa: E402
 
@@ -112,23 +111,17 @@ def level_folder(work: Path, strength: float) -> Path:
 
 
 def load_img2img(cfg, device: torch.device):
-    """The base model's img2img pipeline with the evaluation's sampler, VAE, variant and dtype (SD1.5 family)."""
-    import diffusers
+    """The base model's img2img pipeline: the evaluation's base-alone pipeline (`evaluate.load_pipeline`: sampler,
+    VAE, variant, dtype, device) with its components reused (SD1.5 family)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
 
     folder = stable_diffusion_folder(cfg.model.pretrained_model)
     if family_of(folder).name != "sd15":
         raise ConfigError(f"bench/layout_bound.py runs SD1.5-family base models; {folder} is {family_of(folder).name}")
-    dtype = ev.pipeline_dtype(cfg, device)
-    parts = {"safety_checker": None, "requires_safety_checker": False}
-    if cfg.eval.vae:
-        vae_folder = resolve_model(cfg.eval.vae, "VAE", "eval.vae")
-        parts["vae"] = diffusers.AutoencoderKL.from_pretrained(vae_folder, torch_dtype=dtype)
-    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
-        folder, **parts, variant=cfg.model.variant, torch_dtype=dtype
-    )
-    pipe.scheduler = getattr(diffusers, ev.SCHEDULERS[ev.scheduler_name(cfg)]).from_config(pipe.scheduler.config)
+    base = ev.load_pipeline(cfg, ev.NO_CONTROLNET, device, ev.pipeline_dtype(cfg, device))
+    pipe = StableDiffusionImg2ImgPipeline.from_pipe(base)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
 
 
 def copy_folder(source: Path, target: Path) -> None:

@@ -224,6 +224,14 @@ def config_changes(before: dict, after: dict) -> list[str]:
     ]
 
 
+def unused_path(folder: Path, stem: str, suffix: str = "") -> Path:
+    """folder/<stem><suffix>, or the first of <stem>-1<suffix>, <stem>-2<suffix>, ... that does not exist."""
+    path, repeat = folder / f"{stem}{suffix}", 1
+    while path.exists():
+        path, repeat = folder / f"{stem}-{repeat}{suffix}", repeat + 1
+    return path
+
+
 def record_config(output_dir: str | Path, cfg, step: int, resumed: bool) -> list[str]:
     """Write the run's config to output_dir/config.yaml (main process). On a resume the run's previous config.yaml
     is first compared with this one, key by key: each change is logged, and the previous file is kept as
@@ -235,19 +243,15 @@ def record_config(output_dir: str | Path, cfg, step: int, resumed: bool) -> list
     from innercontrol.report import write_text
 
     output_dir = Path(output_dir)
-    path = output_dir / "config.yaml"
+    path, history = output_dir / "config.yaml", output_dir / CONFIG_HISTORY
     changes = []
     if resumed and path.is_file():
         before = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         changes = config_changes(before, OmegaConf.to_container(cfg, resolve=True))
         if changes:
-            history = output_dir / CONFIG_HISTORY
             history.mkdir(exist_ok=True)
-            kept = history / f"config-until-step-{step}.yaml"
-            repeat = 1
-            while kept.exists():  # resumed at this step before (a crash before the next checkpoint)
-                kept = history / f"config-until-step-{step}-{repeat}.yaml"
-                repeat += 1
+            # -1, -2, ...: resumed at this step before (a crash before the next checkpoint)
+            kept = unused_path(history, f"config-until-step-{step}", ".yaml")
             shutil.copyfile(path, kept)
             logger.warning(
                 "resumed at step %d with %d config change(s) from the run's config.yaml (kept as %s): %s",
@@ -256,15 +260,10 @@ def record_config(output_dir: str | Path, cfg, step: int, resumed: bool) -> list
                 kept,
                 "; ".join(changes),
             )
-    history = output_dir / CONFIG_HISTORY
     if not resumed and history.is_dir():
         # A fresh start (e.g. logging.resume=latest with no checkpoint): the earlier run's configs would be read as
         # this run's history. They are set aside, not deleted (that run's final model may still be in the folder).
-        aside = output_dir / f"{CONFIG_HISTORY}-earlier-run"
-        repeat = 1
-        while aside.exists():
-            aside = output_dir / f"{CONFIG_HISTORY}-earlier-run-{repeat}"
-            repeat += 1
+        aside = unused_path(output_dir, f"{CONFIG_HISTORY}-earlier-run")
         history.rename(aside)
         logger.warning("fresh start: the earlier run's config history moved to %s", aside)
     output_dir.mkdir(parents=True, exist_ok=True)
