@@ -36,6 +36,7 @@ MINIATURE = ROOT / "checkpoints" / "mini"
 # Synthetic scenes of the demo: the miniature was pretrained on seed 0, so the demo's data (and its held-out split)
 # come from seed 1; 64 px, antialiased as in pretraining.
 SCENES = {"mini": dict(resolution=64, supersample=2, seed=1), "tiny": dict(resolution=128, supersample=1, seed=0)}
+NUM_IMAGES = {"mini": 640, "tiny": 480}  # default --num-images: scenes written, 10% of them held out
 
 
 def shown(path: Path) -> Path:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "demo.json").write_text(json.dumps({"model": args.model}) + "\n")  # which figures `make figures` copies
     common = ["--config", str(shown(CONFIGS[args.model])), *path_overrides(out, args.model, miniature)]
     scenes = SCENES[args.model]
-    num_images = args.num_images if args.num_images is not None else (640 if args.model == "mini" else 480)
+    num_images = args.num_images if args.num_images is not None else NUM_IMAGES[args.model]
     if num_images < 2:
         parser.error("--num-images must be at least 2 (10%% of them are held out)")
     stages = 5

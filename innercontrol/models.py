@@ -222,6 +222,53 @@ def encode_prompts(tokenizer, text_encoder, captions: list[str], device) -> torc
     return text_encoder(host_to_device(tokenize(tokenizer, captions), device))[0]
 
 
+class LatentCache:
+    """A VAE image encoder (images, row ids -> scaled latents) that keeps the latent distribution (mean and
+    log-variance) of the last `max_entries` distinct rows. The VAE is frozen and a row decodes to the same pixels every
+    epoch (no random augmentation), so encoding it again would give the same distribution: each call only draws a
+    fresh sample from the kept one, with the random numbers an uncached encode would draw.
+
+        encode = LatentCache(sd.vae, max_entries=1024)
+        latents = encode(batch["pixel_values"], batch["row_id"])   # the encoder runs only for a batch with a new row
+
+    A batch with any new row is encoded whole, as without the cache: the encoder's rounding depends on the batch size
+    (not on which rows share the batch), so the kept values are those an uncached encode of a batch of that size
+    gives, and a run whose batches keep one size trains bit for bit as without the cache (tests/test_train.py).
+    """
+
+    def __init__(self, vae: torch.nn.Module, max_entries: int):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, got {max_entries}")
+        self.vae, self.max_entries = vae, max_entries
+        self.entries: OrderedDict[object, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0  # rows read from the cache / rows new to it
+        self.memory_format = torch.contiguous_format
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, row_ids: list) -> torch.Tensor:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if len(row_ids) != len(images):
+            raise ValueError(f"{len(row_ids)} row ids for {len(images)} images")
+        missing = [row for row in dict.fromkeys(row_ids) if row not in self.entries]
+        self.misses += len(missing)
+        self.hits += len(row_ids) - len(missing)
+        if missing:
+            parameters = self.vae.encode(images).latent_dist.parameters
+            if parameters.is_contiguous(memory_format=torch.channels_last) and not parameters.is_contiguous():
+                self.memory_format = torch.channels_last  # oneDNN's convolutions on the CPU write channels-last
+            for row, row_parameters in zip(row_ids, parameters):
+                self.entries[row] = row_parameters
+        # In the encoder's memory layout: the layers after run the kernels they run after an uncached encode, and
+        # training stays bit-identical (another layout gives other rounding, which Adam amplifies).
+        parameters = torch.stack([self.entries[row] for row in row_ids]).contiguous(memory_format=self.memory_format)
+        for row in row_ids:
+            self.entries.move_to_end(row)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+        return DiagonalGaussianDistribution(parameters).sample() * self.vae.config.scaling_factor
+
+
 class TextEmbeddingCache:
     """A prompt encoder (captions -> PromptEmbeddings) with the embeddings of the last `max_entries` distinct captions
     kept (the text encoders are frozen, so a caption's embedding never changes); the empty caption of caption dropout

@@ -47,7 +47,13 @@ from innercontrol.controlled_unet import ControlledUNet, tapped_channels, tapped
 from innercontrol.distributed import finish
 from innercontrol.families import PromptEmbeddings
 from innercontrol.losses import LossWeights, diffusion_target, innercontrol_objective, sample_timesteps
-from innercontrol.models import TextEmbeddingCache, check_vae_precision, load_controlnet, load_stable_diffusion
+from innercontrol.models import (
+    LatentCache,
+    TextEmbeddingCache,
+    check_vae_precision,
+    load_controlnet,
+    load_stable_diffusion,
+)
 from innercontrol.reward import SplitReward, host_to_device
 from innercontrol.speed import compile_blocks, to_channels_last, uncompiled
 
@@ -280,15 +286,20 @@ def training_step(
     split: SplitReward | None = None,
     encode_text: Callable[[list[str]], PromptEmbeddings] | None = None,
     timestep_sampling: str = "uniform",
+    encode_images: Callable[[torch.Tensor, list], torch.Tensor] | None = None,
 ) -> dict:
     """One micro-batch: encode, noise, ControlNet + UNet forward with decoder taps, every term of the objective.
     encode_text (e.g. a TextEmbeddingCache) replaces encoding the captions with sd's text encoders;
-    timestep_sampling: losses.sample_timesteps's scheme."""
+    timestep_sampling: losses.sample_timesteps's scheme; encode_images (a LatentCache: images, row ids -> scaled
+    latents) replaces encoding the images with sd's VAE."""
     # Pinned, non-blocking copies on CUDA: the host does not wait here for the previous step's kernels.
     images = host_to_device(batch["pixel_values"], device)
     control = host_to_device(batch["control"], device) if "control" in batch else compute_control(condition, images)
     with torch.no_grad():
-        latents = sd.vae.encode(images.to(weight_dtype)).latent_dist.sample() * sd.vae.config.scaling_factor
+        if encode_images is not None:
+            latents = encode_images(images.to(weight_dtype), batch["row_id"])
+        else:
+            latents = sd.vae.encode(images.to(weight_dtype)).latent_dist.sample() * sd.vae.config.scaling_factor
         if encode_text is not None:
             text = encode_text(batch["caption"])
         else:  # the family's conditioning (SDXL: both encoders, pooled embedding, size ids of this image size)
@@ -514,6 +525,7 @@ def train(cfg) -> Path:
         encode_text = TextEmbeddingCache(
             lambda captions: sd.encode_prompts(captions, device, size), cfg.optim.text_embedding_cache
         )
+    encode_images = LatentCache(sd.vae, cfg.optim.latent_cache) if cfg.optim.latent_cache > 0 else None
     # Prepared schedulers step once per process per optimizer step; scale the horizon to match.
     lr_scheduler = get_scheduler(
         cfg.optim.lr_schedule,
@@ -604,6 +616,7 @@ def train(cfg) -> Path:
                     split,
                     encode_text,
                     cfg.loss.timestep_sampling,
+                    encode_images,
                 )
                 losses.add(global_step + 1, terms)
                 accelerator.backward(terms["loss"])

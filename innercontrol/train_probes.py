@@ -37,7 +37,7 @@ from innercontrol.checkpoints import CONFIG_HISTORY, prepare_fresh_start, record
 from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
 from innercontrol.distributed import finish
-from innercontrol.models import check_vae_precision, load_controlnet, load_stable_diffusion
+from innercontrol.models import LatentCache, check_vae_precision, load_controlnet, load_stable_diffusion
 from innercontrol.probes import CONFIG_NAME, WEIGHTS_NAME
 from innercontrol.train import compute_control
 
@@ -82,10 +82,14 @@ def probe_loss(kind: str, prediction01: torch.Tensor, target: torch.Tensor) -> t
     return balanced_mse(prediction01, target) if kind == "balanced" else F.mse_loss(prediction01, target)
 
 
-def features_at(model, sd, batch_images, control, timesteps, text, noise_seed=None):
-    """Noise the images' latents to t and run the frozen model once; returns its ControlledOutput."""
+def features_at(model, sd, batch_images, control, timesteps, text, noise_seed=None, encode_images=None, row_ids=None):
+    """Noise the images' latents to t and run the frozen model once; returns its ControlledOutput. encode_images (a
+    LatentCache, given the images' row_ids) replaces encoding the images with sd's VAE."""
     with torch.no_grad():
-        latents = sd.vae.encode(batch_images).latent_dist.sample() * sd.vae.config.scaling_factor
+        if encode_images is not None:
+            latents = encode_images(batch_images, row_ids)
+        else:
+            latents = sd.vae.encode(batch_images).latent_dist.sample() * sd.vae.config.scaling_factor
         generator = None if noise_seed is None else torch.Generator(device="cpu").manual_seed(noise_seed)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
         noisy = sd.scheduler.add_noise(latents, noise, timesteps)
@@ -104,6 +108,7 @@ def accuracy_by_timestep(cfg, sd, model, probe, condition, held_out, mean_label,
     """
     rows = []
     images, controls = held_out
+    encode_once = LatentCache(sd.vae, len(images))  # the same images in every bucket: encoded once, sampled anew
     for bucket, (low, high) in enumerate(BUCKETS):
         generator = torch.Generator().manual_seed(cfg.seed + bucket)
         timesteps = torch.randint(low, high + 1, (len(images),), generator=generator).to(device)
@@ -115,6 +120,8 @@ def accuracy_by_timestep(cfg, sd, model, probe, condition, held_out, mean_label,
             timesteps,
             text.expand(len(images)),
             noise_seed=cfg.seed + 1000 + bucket,
+            encode_images=encode_once,
+            row_ids=list(range(len(images))),
         )
         prediction = probe(out.features, out.time_embedding).float()
         label = condition.normalize_label(resize_to(controls.to(device), prediction.shape[-2:]))
@@ -298,6 +305,7 @@ def train_probe(cfg) -> Path:
         record_config(output_dir, cfg, step, resumed=run.checkpoint is not None)
 
     size = (cfg.data.resolution, cfg.data.resolution)
+    encode_images = LatentCache(sd.vae, cfg.optim.latent_cache) if cfg.optim.latent_cache > 0 else None
     empty = sd.encode_prompts([""], device, size).to(dtype)
     label_sum, label_count = None, 0
     data = iter(loader)
@@ -311,7 +319,7 @@ def train_probe(cfg) -> Path:
         else:
             text = sd.encode_prompts(batch["caption"], device, tuple(images.shape[-2:])).to(dtype)
         timesteps = torch.randint(0, sd.scheduler.config.num_train_timesteps, (len(images),), device=device)
-        out = features_at(model, sd, images, control, timesteps, text)
+        out = features_at(model, sd, images, control, timesteps, text, None, encode_images, batch["row_id"])
         with accelerator.autocast():
             prediction = probe(out.features, out.time_embedding).float()
         target = resize_to(control, prediction.shape[-2:])

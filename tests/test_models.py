@@ -121,3 +121,48 @@ def test_text_embedding_cache_matches_the_encoder_and_runs_only_new_captions(tin
 
     with pytest.raises(ValueError, match="max_entries"):
         TextEmbeddingCache(lambda captions: None, max_entries=0)
+
+
+def test_latent_cache_draws_what_encoding_again_would_and_runs_only_new_rows(tiny_dir):
+    """Under one seed the cache returns the latents an uncached encode returns (a fresh sample from the same mean and
+    log-variance, with the same random numbers); the encoder runs only for a batch with a new row, on the whole batch;
+    the least recently used row goes first."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from innercontrol.models import LatentCache
+
+    vae = AutoencoderKL.from_pretrained(tiny_dir, subfolder="vae").eval()
+    encoded = []
+    vae.encoder.register_forward_hook(lambda module, args, output: encoded.append(len(args[0])))
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def uncached(batch, seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return vae.encode(batch).latent_dist.sample() * vae.config.scaling_factor
+
+    cache = LatentCache(vae, max_entries=3)
+    torch.manual_seed(1)
+    first = cache(images[[0, 1, 0]], ["a", "b", "a"])
+    assert encoded == [3]  # new rows: the batch is encoded whole, once
+    reference = uncached(images[[0, 1, 0]], 1)
+    assert torch.equal(first, reference) and first.stride() == reference.stride()  # the same layout, too
+    assert not torch.allclose(first[0], first[2])  # the same row, two samples
+    encoded.clear()
+    torch.manual_seed(2)
+    again = cache(images[[1, 2, 3]], ["b", "c", "d"])  # b cached; c, d new; a (least recently used) goes
+    assert encoded == [3]
+    reference = uncached(images[[1, 2, 3]], 2)
+    assert torch.equal(again, reference) and again.stride() == reference.stride()
+    assert list(cache.entries) == ["b", "c", "d"] and (cache.hits, cache.misses) == (1 + 1, 2 + 2)
+    encoded.clear()
+    torch.manual_seed(3)
+    cached = cache(images[[3, 1]], ["d", "b"])  # every row cached: no encoder call
+    assert encoded == [] and (cache.hits, cache.misses) == (1 + 1 + 2, 2 + 2)
+    torch.testing.assert_close(cached, uncached(images[[3, 1]], 3), rtol=0, atol=1e-5)  # another batch size
+
+    with pytest.raises(ValueError, match="max_entries"):
+        LatentCache(vae, max_entries=0)
+    with pytest.raises(ValueError, match="2 row ids for 3 images"):
+        cache(images[:3], ["a", "b"])

@@ -111,6 +111,32 @@ def test_resume_matches_uninterrupted_run(workspace):
     assert summary["steps"] == 4
 
 
+def test_latent_cache_trains_the_same_controlnet_encoding_each_row_once(workspace, monkeypatch):
+    """optim.latent_cache keeps each row's latent distribution and draws every sample from it with the random numbers
+    an encode would draw: 6 steps of 4 rows (the 18 training rows, then 6 of them again) give the ControlNet that
+    encoding every batch gives, bit for bit, and the VAE encodes each of the 18 rows once."""
+    from innercontrol import models, train
+
+    caches = []
+
+    class Recorded(models.LatentCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    monkeypatch.setattr(train, "LatentCache", Recorded)
+    root = workspace["root"]
+    run_train(overrides(workspace, root / "encode_every_batch", 6))
+    assert caches == []  # 0, the default: no cache
+    run_train(overrides(workspace, root / "latent_cache", 6, "optim.latent_cache=64"))
+    (cache,) = caches
+    assert (cache.misses, cache.hits) == (18, 6)
+    for name in ("controlnet", "controlnet_ema"):
+        every, cached = weights(root / "encode_every_batch" / name), weights(root / "latent_cache" / name)
+        assert every.keys() == cached.keys()
+        assert all(torch.equal(every[key], cached[key]) for key in every), name
+
+
 def test_resume_trains_on_with_this_configs_lr(workspace, tmp_path):
     """A resume with another optim.lr or optim.ema_decay trains with them, not with the checkpoint's (which loading its
     state restores); a resume that would change the optimizer's groups (optim.zero_conv_lr_scale from 1) is refused by name

@@ -83,6 +83,36 @@ def test_probe_training_writes_probe_and_accuracy_table(probe_ws, monkeypatch):
     assert state["job"] == "train_probes" and state["run_id"] == probe.config.extra["run_id"]
 
 
+def test_latent_cache_trains_the_same_probe_encoding_each_row_once(probe_ws, monkeypatch):
+    """optim.latent_cache in probe training: 12 steps of 4 rows (the 32 training rows, then 16 again) give the probe
+    and accuracy table that encoding every batch gives; the VAE encodes each training row once, and the held-out
+    images once for all timestep buckets."""
+    from safetensors.torch import load_file
+
+    from innercontrol import models, train_probes
+
+    caches = []
+
+    class Recorded(models.LatentCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    monkeypatch.setattr(train_probes, "LatentCache", Recorded)
+    monkeypatch.setattr(train_probes, "TIE_SE", 1e9)  # as in the test above: the 12-step probe is saved as good
+    _run(_args(probe_ws, "every_batch"))
+    assert [(c.max_entries, c.misses, c.hits) for c in caches] == [(6, 6, 54)]  # held out: 6 images, 10 buckets
+    _run(_args(probe_ws, "cached", "optim.latent_cache=64"))
+    assert [(c.max_entries, c.misses, c.hits) for c in caches[1:]] == [(64, 32, 16), (6, 6, 54)]
+    every, cached = (load_file(probe_ws["root"] / name / "probe.safetensors") for name in ("every_batch", "cached"))
+    assert every.keys() == cached.keys()
+    assert all(torch.equal(every[key], cached[key]) for key in every)
+    rows = [
+        json.loads((probe_ws["root"] / name / "probe_accuracy.json").read_text()) for name in ("every_batch", "cached")
+    ]
+    assert [row["probe_mse"] for row in rows[0]] == [row["probe_mse"] for row in rows[1]]
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
 def test_probe_pretraining_and_controlnet_training_keep_apart(config):
     from innercontrol.config import load_config
