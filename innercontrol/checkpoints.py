@@ -232,6 +232,12 @@ def unused_path(folder: Path, stem: str, suffix: str = "") -> Path:
     return path
 
 
+def earlier_histories(output_dir: str | Path) -> list[Path]:
+    """The earlier runs' config histories that record_config set aside in output_dir (config_history-earlier-run*):
+    run outputs that logging.overwrite=true removes with the rest."""
+    return sorted(Path(output_dir).glob(f"{CONFIG_HISTORY}-earlier-run*"))
+
+
 def record_config(output_dir: str | Path, cfg, step: int, resumed: bool) -> list[str]:
     """Write the run's config to output_dir/config.yaml (main process). On a resume the run's previous config.yaml
     is first compared with this one, key by key: each change is logged, and the previous file is kept as

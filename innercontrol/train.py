@@ -36,6 +36,7 @@ import torch
 
 from innercontrol.checkpoints import (
     CONFIG_HISTORY,
+    earlier_histories,
     prepare_fresh_start,
     record_config,
     resume,
@@ -449,7 +450,7 @@ def train(cfg) -> Path:
     check_vae_precision(cfg.model, cfg.optim.mixed_precision)  # before anything is written or removed
     prepare_fresh_start(
         accelerator,
-        [output_dir / name for name in RUN_OUTPUTS],
+        [output_dir / name for name in RUN_OUTPUTS] + earlier_histories(output_dir),
         cfg.logging.resume,
         cfg.logging.overwrite,
         hint="choose another folder with logging.output_dir=DIR",

@@ -33,7 +33,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from innercontrol.checkpoints import CONFIG_HISTORY, prepare_fresh_start, record_config, resume, save_checkpoint
+from innercontrol.checkpoints import (
+    CONFIG_HISTORY,
+    earlier_histories,
+    prepare_fresh_start,
+    record_config,
+    resume,
+    save_checkpoint,
+)
 from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
 from innercontrol.distributed import finish
@@ -250,6 +257,7 @@ def train_probe(cfg) -> Path:
     prepare_fresh_start(
         accelerator,
         [output_dir / name for name in RUN_OUTPUTS]
+        + earlier_histories(output_dir)
         + [probe_dir / name for name in PROBE_OUTPUTS]
         + [Path(f"{probe_dir}.{aside}") for aside in ("collapsed", "failed")],
         cfg.logging.resume,

@@ -317,9 +317,13 @@ def test_fresh_run_into_a_used_folder_stops_before_touching_it(workspace):
     run_train(overrides(workspace, out, 4, "logging.resume=latest"))
     assert snapshot(out) == before
 
-    # overwrite=true starts over: the old run's checkpoints are gone, so resume=latest cannot pick them up.
+    # overwrite=true starts over: the old run's checkpoints are gone, so resume=latest cannot pick them up; so is
+    # the config history of a run before it (set aside by record_config when that run started over here).
+    (out / "config_history-earlier-run").mkdir()
+    (out / "config_history-earlier-run" / "config-until-step-4.yaml").write_text("seed: 0\n")
     run_train(overrides(workspace, out, 2, "logging.overwrite=true"))
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2"]
+    assert not (out / "config_history-earlier-run").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["run_id"] != old_run
 
