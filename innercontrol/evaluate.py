@@ -137,6 +137,18 @@ def controlnet_scale(cfg, controlnet: str) -> Optional[float]:
     return float(cfg.eval.controlnet_conditioning_scale)
 
 
+def unused_scales(cfg, controlnet: str) -> list[str]:
+    """The conditioning-scale settings that this evaluation's model does not take (the floor takes neither, a
+    ControlNet no adapter scale, a T2I-Adapter no ControlNet scale), as key=value: they are ignored, with a warning."""
+    unused = []
+    if controlnet_scale(cfg, controlnet) is None and float(cfg.eval.controlnet_conditioning_scale) != 1.0:
+        unused.append(f"eval.controlnet_conditioning_scale={cfg.eval.controlnet_conditioning_scale:g}")
+    adapter = is_adapter(cfg) and not is_floor(controlnet)
+    if not adapter and cfg.eval.adapter_conditioning_scale is not None:
+        unused.append(f"eval.adapter_conditioning_scale={cfg.eval.adapter_conditioning_scale:g}")
+    return unused
+
+
 def generation_fingerprint(cfg, controlnet: str, dtype: torch.dtype) -> dict:
     """The settings behind the generated images; the models by the sha256 of their files, so retrained weights in
     the same folder are a different setting (content_digest hashes each file once per process)."""
@@ -497,6 +509,11 @@ def evaluate(cfg, controlnet: str, wanted: set, accelerator=None, fid_feature_ex
     if cfg.eval.images_per_prompt > MAX_IMAGES_PER_PROMPT:
         raise ConfigError(f"eval.images_per_prompt must be at most {MAX_IMAGES_PER_PROMPT}")
     log = accelerator.print
+    for setting in unused_scales(cfg, controlnet):
+        model = (
+            "the base model alone" if is_floor(controlnet) else "a T2I-Adapter" if is_adapter(cfg) else "a ControlNet"
+        )
+        log(f"warning: {setting} is ignored: this evaluation runs {model}, which does not take it")
 
     pipe = None
     if accelerator.is_main_process:

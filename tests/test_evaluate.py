@@ -605,6 +605,19 @@ def test_controlnet_conditioning_scale_is_the_pipelines_and_part_of_the_setting(
     ev.evaluate(small_config(tiny_dir, eval_set, old), str(net), {"control"}, accelerator)
     assert "generated 0 new images (2 were already on disk)" in capsys.readouterr().out
 
+    # The floor takes no conditioning scale: it is named as ignored (the images are those of the default)
+    floor = tmp_path / "floor"
+    ev.evaluate(small_config(tiny_dir, eval_set, floor, **{"eval.controlnet_conditioning_scale": 2.0}), "none",
+                {"control"}, accelerator)  # fmt: skip
+    printed = capsys.readouterr().out
+    assert (
+        "warning: eval.controlnet_conditioning_scale=2 is ignored: this evaluation runs the base model alone" in printed
+    )
+    assert json.loads((floor / "generation.json").read_text())["controlnet_conditioning_scale"] is None
+    assert ev.unused_scales(small_config(tiny_dir, eval_set, floor), str(net)) == []
+    adapter_scale_set = small_config(tiny_dir, eval_set, floor, **{"eval.adapter_conditioning_scale": 0.5})
+    assert ev.unused_scales(adapter_scale_set, str(net)) == ["eval.adapter_conditioning_scale=0.5"]
+
 
 def test_fid_on_clip_features_matches_the_clip_image_embeddings(tiny_dir, tmp_path):
     """eval.fid_features=clip: FID on eval.clip_model's image embeddings, against features computed independently."""
