@@ -22,6 +22,19 @@ def load_bench_script(name: str) -> ModuleType:
     return module
 
 
+def record_instances(monkeypatch, module, name: str) -> list:
+    """Replace the class module.<name> by a subclass that appends each instance it makes to the returned list."""
+    made = []
+
+    class Recorded(getattr(module, name)):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(module, name, Recorded)
+    return made
+
+
 class IdentityNormCondition:
     """Stand-in condition with identity normalisations, for checking loss arithmetic by hand."""
 

@@ -13,6 +13,8 @@ import torch
 
 from innercontrol.checkpoints import complete_checkpoints, find_checkpoint
 
+from .helpers import record_instances
+
 ROOT = Path(__file__).resolve().parents[1]
 RES = 64
 
@@ -115,16 +117,9 @@ def test_latent_cache_trains_the_same_controlnet_encoding_each_row_once(workspac
     """optim.latent_cache keeps each row's latent distribution and draws every sample from it with the random numbers
     an encode would draw: 6 steps of 4 rows (the 18 training rows, then 6 of them again) give the ControlNet that
     encoding every batch gives, bit for bit, and the VAE encodes each of the 18 rows once."""
-    from innercontrol import models, train
+    from innercontrol import train
 
-    caches = []
-
-    class Recorded(models.LatentCache):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            caches.append(self)
-
-    monkeypatch.setattr(train, "LatentCache", Recorded)
+    caches = record_instances(monkeypatch, train, "LatentCache")
     root = workspace["root"]
     run_train(overrides(workspace, root / "encode_every_batch", 6))
     assert caches == []  # 0, the default: no cache

@@ -6,6 +6,8 @@ import torch
 
 from innercontrol.train_probes import CollapsedProbeError, FailedProbeError, balanced_mse
 
+from .helpers import record_instances
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -89,16 +91,9 @@ def test_latent_cache_trains_the_same_probe_encoding_each_row_once(probe_ws, mon
     images once for all timestep buckets."""
     from safetensors.torch import load_file
 
-    from innercontrol import models, train_probes
+    from innercontrol import train_probes
 
-    caches = []
-
-    class Recorded(models.LatentCache):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            caches.append(self)
-
-    monkeypatch.setattr(train_probes, "LatentCache", Recorded)
+    caches = record_instances(monkeypatch, train_probes, "LatentCache")
     monkeypatch.setattr(train_probes, "TIE_SE", 1e9)  # as in the test above: the 12-step probe is saved as good
     _run(_args(probe_ws, "every_batch"))
     assert [(c.max_entries, c.misses, c.hits) for c in caches] == [(6, 6, 54)]  # held out: 6 images, 10 buckets
