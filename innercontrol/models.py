@@ -258,7 +258,7 @@ class LatentCache:
             if parameters.is_contiguous(memory_format=torch.channels_last) and not parameters.is_contiguous():
                 self.memory_format = torch.channels_last  # oneDNN's convolutions on the CPU write channels-last
             for row, row_parameters in zip(row_ids, parameters):
-                self.entries[row] = row_parameters
+                self.entries[row] = row_parameters.clone()  # its own storage: an evicted row frees its memory
         # In the encoder's memory layout: the layers after run the kernels they run after an uncached encode, and
         # training stays bit-identical (another layout gives other rounding, which Adam amplifies).
         parameters = torch.stack([self.entries[row] for row in row_ids]).contiguous(memory_format=self.memory_format)
