@@ -241,6 +241,7 @@ def main(argv=None) -> None:
     from innercontrol.controlled_unet import ControlledUNet, tapped_channels
     from innercontrol.families import PromptEmbeddings
     from innercontrol.losses import alignment_loss, diffusion_loss, diffusion_target, in_window, reward_loss
+    from innercontrol.models import encode_latents
     from innercontrol.probes import build_probe
     from innercontrol.reward import SplitReward, host_to_device
 
@@ -348,7 +349,7 @@ def main(argv=None) -> None:
         text = all_text.select(slice(0, n))
         timesteps = host_to_device(host_timesteps, device)
         with torch.no_grad():
-            latents = vae.encode(images.to(weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
+            latents = encode_latents(vae, images.to(weight_dtype))
         noisy = scheduler.add_noise(latents.float(), noise, host_timesteps).to(weight_dtype)
         with autocast, SavedForBackward() as saved:
             out = model(noisy, timesteps, text, controls, tap="attn" if row.alignment else None)

@@ -130,6 +130,11 @@ def adapter_scale(cfg) -> float:
     return 0.5 if cfg.condition.name == "lineart" else 1.0
 
 
+def runs_adapter(cfg, controlnet: str) -> bool:
+    """Whether this evaluation generates with a T2I-Adapter (eval.model_kind=t2i_adapter and not the floor)."""
+    return is_adapter(cfg) and not is_floor(controlnet)
+
+
 def controlnet_scale(cfg, controlnet: str) -> Optional[float]:
     """eval.controlnet_conditioning_scale for a ControlNet; None where there is no ControlNet (floor, adapter)."""
     if is_floor(controlnet) or is_adapter(cfg):
@@ -143,8 +148,7 @@ def unused_scales(cfg, controlnet: str) -> list[str]:
     unused = []
     if controlnet_scale(cfg, controlnet) is None and float(cfg.eval.controlnet_conditioning_scale) != 1.0:
         unused.append(f"eval.controlnet_conditioning_scale={cfg.eval.controlnet_conditioning_scale:g}")
-    adapter = is_adapter(cfg) and not is_floor(controlnet)
-    if not adapter and cfg.eval.adapter_conditioning_scale is not None:
+    if not runs_adapter(cfg, controlnet) and cfg.eval.adapter_conditioning_scale is not None:
         unused.append(f"eval.adapter_conditioning_scale={cfg.eval.adapter_conditioning_scale:g}")
     return unused
 
@@ -162,7 +166,7 @@ def generation_fingerprint(cfg, controlnet: str, dtype: torch.dtype) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "model_kind": NO_CONTROLNET if is_floor(controlnet) else cfg.eval.model_kind,
         "scheduler": scheduler_name(cfg),
-        "adapter_conditioning_scale": adapter_scale(cfg) if is_adapter(cfg) and not is_floor(controlnet) else None,
+        "adapter_conditioning_scale": adapter_scale(cfg) if runs_adapter(cfg, controlnet) else None,
         "controlnet_conditioning_scale": controlnet_scale(cfg, controlnet),
         "vae_sha256": content_digest(resolve_model(cfg.eval.vae, "VAE", "eval.vae")) if cfg.eval.vae else None,
         **{key: cfg.eval[key] for key in keys},
@@ -624,7 +628,7 @@ def probe_readout(cfg, controlnet: str, probe_path: str, num_samples: int = 8, a
     from innercontrol.probes import load_probe
     from innercontrol.readout import ProbeReadout
 
-    if is_adapter(cfg) and not is_floor(controlnet):
+    if runs_adapter(cfg, controlnet):
         raise ConfigError(
             "the probe readout runs on ControlNets and on the base alone (--controlnet none), not on T2I-Adapters "
             "(eval.model_kind=t2i_adapter): drop --probe or evaluate a ControlNet"

@@ -222,6 +222,14 @@ def encode_prompts(tokenizer, text_encoder, captions: list[str], device) -> torc
     return text_encoder(host_to_device(tokenize(tokenizer, captions), device))[0]
 
 
+def encode_latents(vae: torch.nn.Module, images: torch.Tensor, cache=None, row_ids=None) -> torch.Tensor:
+    """Scaled latents drawn from the VAE's latent distribution of the images (the training input); with a LatentCache
+    (and the images' dataset row ids) the distribution it keeps for rows it has seen. Call under torch.no_grad()."""
+    if cache is not None:
+        return cache(images, row_ids)
+    return vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+
+
 class LatentCache:
     """A VAE image encoder (images, row ids -> scaled latents) that keeps the latent distribution (mean and
     log-variance) of the last `max_entries` distinct rows. The VAE is frozen and a row decodes to the same pixels every

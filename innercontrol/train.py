@@ -52,6 +52,7 @@ from innercontrol.models import (
     LatentCache,
     TextEmbeddingCache,
     check_vae_precision,
+    encode_latents,
     load_controlnet,
     load_stable_diffusion,
 )
@@ -297,10 +298,7 @@ def training_step(
     images = host_to_device(batch["pixel_values"], device)
     control = host_to_device(batch["control"], device) if "control" in batch else compute_control(condition, images)
     with torch.no_grad():
-        if encode_images is not None:
-            latents = encode_images(images.to(weight_dtype), batch["row_id"])
-        else:
-            latents = sd.vae.encode(images.to(weight_dtype)).latent_dist.sample() * sd.vae.config.scaling_factor
+        latents = encode_latents(sd.vae, images.to(weight_dtype), encode_images, batch["row_id"])
         if encode_text is not None:
             text = encode_text(batch["caption"])
         else:  # the family's conditioning (SDXL: both encoders, pooled embedding, size ids of this image size)

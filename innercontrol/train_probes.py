@@ -44,7 +44,13 @@ from innercontrol.checkpoints import (
 from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels
 from innercontrol.distributed import finish
-from innercontrol.models import LatentCache, check_vae_precision, load_controlnet, load_stable_diffusion
+from innercontrol.models import (
+    LatentCache,
+    check_vae_precision,
+    encode_latents,
+    load_controlnet,
+    load_stable_diffusion,
+)
 from innercontrol.probes import CONFIG_NAME, WEIGHTS_NAME
 from innercontrol.train import compute_control
 
@@ -93,10 +99,7 @@ def features_at(model, sd, batch_images, control, timesteps, text, noise_seed=No
     """Noise the images' latents to t and run the frozen model once; returns its ControlledOutput. encode_images (a
     LatentCache, given the images' row_ids) replaces encoding the images with sd's VAE."""
     with torch.no_grad():
-        if encode_images is not None:
-            latents = encode_images(batch_images, row_ids)
-        else:
-            latents = sd.vae.encode(batch_images).latent_dist.sample() * sd.vae.config.scaling_factor
+        latents = encode_latents(sd.vae, batch_images, encode_images, row_ids)
         generator = None if noise_seed is None else torch.Generator(device="cpu").manual_seed(noise_seed)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
         noisy = sd.scheduler.add_noise(latents, noise, timesteps)
