@@ -266,27 +266,19 @@ def pipeline_dtype(cfg, device: torch.device) -> torch.dtype:
 
 
 SCHEDULERS = {"unipc": "UniPCMultistepScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler"}
-# (base model family, what --controlnet names) -> the diffusers pipeline that generates with them.
-PIPELINES = {
-    ("sd15", NO_CONTROLNET): "StableDiffusionPipeline",
-    ("sd15", "controlnet"): "StableDiffusionControlNetPipeline",
-    ("sd15", "t2i_adapter"): "StableDiffusionAdapterPipeline",
-    ("sdxl", NO_CONTROLNET): "StableDiffusionXLPipeline",
-    ("sdxl", "controlnet"): "StableDiffusionXLControlNetPipeline",
-    ("sdxl", "t2i_adapter"): "StableDiffusionXLAdapterPipeline",
-}
 
 
 def load_pipeline(cfg, controlnet: str, device: torch.device, dtype: torch.dtype):
     """The pipeline of the base model's family (SD1.5 or SDXL, from model.pretrained_model's model_index.json) for
     the ControlNet, the T2I-Adapter (eval.model_kind=t2i_adapter; --controlnet names it) or nothing (--controlnet
-    none), see PIPELINES; eval.vae replaces the base model's VAE (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix);
-    with eval.scheduler (auto: UniPC for ControlNets, Euler ancestral for T2I-Adapters)."""
+    none), with the family's pipeline class for it (ModelFamily.pipelines); eval.vae replaces the base model's VAE
+    (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix); with eval.scheduler (auto: UniPC for ControlNets, Euler ancestral
+    for T2I-Adapters)."""
     import diffusers
     from diffusers import AutoencoderKL, ControlNetModel, T2IAdapter
 
     folder = stable_diffusion_folder(cfg.model.pretrained_model)
-    family = family_of(folder).name
+    family = family_of(folder)
     kind = NO_CONTROLNET if is_floor(controlnet) else cfg.eval.model_kind
     parts = {}
     if kind == "t2i_adapter":
@@ -296,11 +288,11 @@ def load_pipeline(cfg, controlnet: str, device: torch.device, dtype: torch.dtype
     if cfg.eval.vae:
         vae_folder = resolve_model(cfg.eval.vae, "VAE", "eval.vae")
         parts["vae"] = AutoencoderKL.from_pretrained(vae_folder, torch_dtype=dtype)
-    if family == "sdxl" and kind != "t2i_adapter":  # (the SDXL adapter pipeline never watermarks)
+    if family.name == "sdxl" and kind != "t2i_adapter":  # (the SDXL adapter pipeline never watermarks)
         parts["add_watermarker"] = False  # the published evaluation scores unwatermarked images
     else:
         parts.update(safety_checker=None, requires_safety_checker=False)
-    pipeline_class = getattr(diffusers, PIPELINES[family, kind])
+    pipeline_class = getattr(diffusers, family.pipelines[kind])
     pipe = pipeline_class.from_pretrained(folder, **parts, variant=cfg.model.variant, torch_dtype=dtype)
     scheduler_class = getattr(diffusers, SCHEDULERS[scheduler_name(cfg)])
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)

@@ -70,12 +70,17 @@ class ModelFamily:
     # (tokenizer subfolder, text encoder subfolder, transformers class of the encoder), in the order the UNet's
     # encoder_hidden_states concatenates them.
     text_parts: tuple[tuple[str, str, str], ...]
-    # The diffusers pipeline for generating with a ControlNet (validation grids during training), and the options
-    # it is built with beside the model parts.
-    controlnet_pipeline: str
+    # The diffusers pipeline classes that generate with the base model alone ("none", the floor), with a ControlNet
+    # (evaluation; validation grids during training) and with a T2I-Adapter, and the options the ControlNet pipeline
+    # is built with in validation beside the model parts.
+    pipelines: dict[str, str]
     pipeline_options: dict = field(default_factory=dict)
     # A VAE that decodes in fp16 where the family's own overflows (None: the family's VAE is fine in fp16).
     fp16_vae: str | None = None
+
+    @property
+    def controlnet_pipeline(self) -> str:
+        return self.pipelines["controlnet"]
 
     @torch.no_grad()
     def encode_prompts(self, sd, captions: list[str], device, image_size: tuple[int, int]) -> PromptEmbeddings:
@@ -113,13 +118,21 @@ class SDXLFamily(ModelFamily):
 SD15 = SD15Family(
     "sd15",
     (("tokenizer", "text_encoder", "CLIPTextModel"),),
-    controlnet_pipeline="StableDiffusionControlNetPipeline",
+    pipelines={
+        "none": "StableDiffusionPipeline",
+        "controlnet": "StableDiffusionControlNetPipeline",
+        "t2i_adapter": "StableDiffusionAdapterPipeline",
+    },
     pipeline_options=dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
 )
 SDXL = SDXLFamily(
     "sdxl",
     (("tokenizer", "text_encoder", "CLIPTextModel"), ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection")),
-    controlnet_pipeline="StableDiffusionXLControlNetPipeline",
+    pipelines={
+        "none": "StableDiffusionXLPipeline",
+        "controlnet": "StableDiffusionXLControlNetPipeline",
+        "t2i_adapter": "StableDiffusionXLAdapterPipeline",
+    },
     pipeline_options=dict(force_zeros_for_empty_prompt=True, add_watermarker=False),
     fp16_vae="madebyollin/sdxl-vae-fp16-fix",
 )

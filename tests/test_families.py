@@ -30,6 +30,23 @@ def test_family_is_read_from_model_index(tiny_dir, tiny_sdxl_dir):
     assert set(sd15.components()) == {"vae", "unet", "tokenizer", "text_encoder"}
 
 
+def test_each_family_names_a_pipeline_for_every_evaluated_model_kind():
+    import diffusers
+
+    from innercontrol.config import RANGES
+    from innercontrol.evaluate import NO_CONTROLNET
+
+    for family, xl in ((SD15, ""), (SDXL, "XL")):
+        assert all(RANGES["eval.model_kind"].accepts(kind) for kind in set(family.pipelines) - {NO_CONTROLNET})
+        assert family.pipelines == {
+            NO_CONTROLNET: f"StableDiffusion{xl}Pipeline",
+            "controlnet": f"StableDiffusion{xl}ControlNetPipeline",
+            "t2i_adapter": f"StableDiffusion{xl}AdapterPipeline",
+        }
+        assert all(hasattr(diffusers, name) for name in family.pipelines.values())
+        assert family.controlnet_pipeline == family.pipelines["controlnet"]
+
+
 def test_sdxl_folder_without_its_second_text_encoder_names_what_is_missing(tiny_sdxl_dir, tmp_path):
     import shutil
 
