@@ -51,7 +51,7 @@ from PIL import Image
 from innercontrol import metrics
 from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.distributed import finish
-from innercontrol.families import family_of
+from innercontrol.families import NO_CONTROLNET, family_of
 from innercontrol.fingerprint import changed_settings, content_digest, normalized_path
 from innercontrol.hub import resolve_model
 from innercontrol.models import controlnet_folder, stable_diffusion_folder
@@ -70,7 +70,6 @@ from innercontrol.report import (
 )
 
 METRIC_CHOICES = ("control", "clip", "fid", "all")
-NO_CONTROLNET = "none"  # --controlnet none: the base model alone, the floor of controllability
 MAX_IMAGES_PER_PROMPT = 1024  # the seed formula keeps (index, group) distinct below this
 
 

@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The model kind of the base model alone (no ControlNet or adapter; evaluation's `--controlnet none`, the floor of
+# controllability): the key of its pipeline in ModelFamily.pipelines.
+NO_CONTROLNET = "none"
+
 
 @dataclass
 class PromptEmbeddings:
@@ -70,7 +74,7 @@ class ModelFamily:
     # (tokenizer subfolder, text encoder subfolder, transformers class of the encoder), in the order the UNet's
     # encoder_hidden_states concatenates them.
     text_parts: tuple[tuple[str, str, str], ...]
-    # The diffusers pipeline classes that generate with the base model alone ("none", the floor), with a ControlNet
+    # The diffusers pipeline classes that generate with the base model alone (NO_CONTROLNET, the floor), with a ControlNet
     # (evaluation; validation grids during training) and with a T2I-Adapter, and the options the ControlNet pipeline
     # is built with in validation beside the model parts.
     pipelines: dict[str, str]
@@ -119,7 +123,7 @@ SD15 = SD15Family(
     "sd15",
     (("tokenizer", "text_encoder", "CLIPTextModel"),),
     pipelines={
-        "none": "StableDiffusionPipeline",
+        NO_CONTROLNET: "StableDiffusionPipeline",
         "controlnet": "StableDiffusionControlNetPipeline",
         "t2i_adapter": "StableDiffusionAdapterPipeline",
     },
@@ -129,7 +133,7 @@ SDXL = SDXLFamily(
     "sdxl",
     (("tokenizer", "text_encoder", "CLIPTextModel"), ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection")),
     pipelines={
-        "none": "StableDiffusionXLPipeline",
+        NO_CONTROLNET: "StableDiffusionXLPipeline",
         "controlnet": "StableDiffusionXLControlNetPipeline",
         "t2i_adapter": "StableDiffusionXLAdapterPipeline",
     },

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from innercontrol.controlled_unet import ControlledUNet, tap_decoder_features, tapped_channels
-from innercontrol.families import SD15, SDXL, PromptEmbeddings, family_of
+from innercontrol.families import NO_CONTROLNET, SD15, SDXL, PromptEmbeddings, family_of
 from innercontrol.models import load_stable_diffusion
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,6 @@ def test_each_family_names_a_pipeline_for_every_evaluated_model_kind():
     import diffusers
 
     from innercontrol.config import RANGES
-    from innercontrol.evaluate import NO_CONTROLNET
 
     for family, xl in ((SD15, ""), (SDXL, "XL")):
         assert all(RANGES["eval.model_kind"].accepts(kind) for kind in set(family.pipelines) - {NO_CONTROLNET})
