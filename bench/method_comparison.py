@@ -211,7 +211,8 @@ def run_all(args) -> None:
     # The published objective's other settings, whatever configs/mini.yaml sets for the demo.
     run_settings = ["logging.resume=latest", "logging.validation_every=0", "logging.checkpoint_total_limit=1",
                     "logging.report_to=none", "optim.lr_schedule=constant_with_warmup",
-                    "loss.diffusion_weighting=uniform", "loss.diffusion_weight=1"]  # fmt: skip
+                    "loss.diffusion_weighting=uniform", "loss.diffusion_weight=1",
+                    "loss.corrective_fraction=0"]  # fmt: skip
     init = init_spec(args)
     start = []
     if init["steps"]:

@@ -108,6 +108,13 @@ class LossConfig:
     # Multiplier of the denoising MSE in the sum (the published method: 1). Below 1 it gives the reward and
     # alignment terms a larger share; an option, measured on the miniature (configs/mini.yaml).
     diffusion_weight: float = 1.0
+    # Corrective noising (an option of ours; the published method: 0): this share of the samples whose t lies in
+    # corrective_window get a noisy latent made from another image of the batch, while the target still leads to
+    # their own image. Training otherwise only shows the ControlNet noisy latents whose layout already matches the
+    # control; in sampling they come from the model's own earlier steps, and a layout that went wrong is not pulled
+    # back. Measured on the miniature (configs/mini.yaml).
+    corrective_fraction: float = 0.0
+    corrective_window: list[int] = field(default_factory=lambda: [500, 999])
 
 
 @dataclass
@@ -418,6 +425,8 @@ RANGES: dict[str, Range] = {
     "loss.diffusion_weighting": one_of("uniform", "v"),
     "loss.diffusion_weight_max": at_least(1, "the largest weight on the epsilon MSE before normalisation"),
     "loss.diffusion_weight": at_least(0),
+    "loss.corrective_fraction": within(0, 1, "the share of in-window samples noised from another image"),
+    "loss.corrective_window": TIMESTEP_WINDOW,
     # probe
     "probe.path": optional(NOT_EMPTY),
     "probe.timestep_input": one_of(None, "t", "step_index"),

@@ -4,6 +4,7 @@
          + reward_weight * reward_loss[t in reward_window]
          + alignment_weight * alignment_loss[t in alignment_window]
 
+An option of ours (loss.corrective_fraction, default 0) changes the noisy latents the terms see: corrective_noise.
 Window terms are computed on the in-window samples alone: no VAE decode, condition model or probe
 runs for samples outside the window, and a batch with none costs nothing.
 """
@@ -55,6 +56,33 @@ def sample_timesteps(batch_size: int, num_train_timesteps: int, scheme: str = "u
         u = torch.rand(batch_size, dtype=torch.float64)
         return ((1 - u**3) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
     raise ValueError(f"unknown timestep sampling '{scheme}' (one of {', '.join(TIMESTEP_SAMPLING)})")
+
+
+def corrective_rows(host_timesteps: torch.Tensor, fraction: float, window) -> torch.Tensor:
+    """Host boolean mask of the samples that corrective_noise rebuilds: each sample whose t lies in `window`, chosen
+    with probability `fraction`. Draws from torch's global generator only when fraction > 0, so the published
+    objective (fraction 0) consumes the same random numbers as before the option existed."""
+    if fraction <= 0:
+        return torch.zeros(len(host_timesteps), dtype=torch.bool)
+    return (torch.rand(len(host_timesteps)) < fraction) & in_window(host_timesteps, window)
+
+
+def corrective_noise(
+    latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, rows
+) -> torch.Tensor:
+    """The noise that puts another sample's image under each chosen row's noisy latent (loss.corrective_fraction).
+
+    For a chosen row i, with a = alpha_bar_t and j = i - 1 (the batch rolled by one), it returns
+    noise_i + sqrt(a) / sqrt(1 - a) * (latents_j - latents_i), so that
+        sqrt(a) * latents_i + sqrt(1 - a) * returned  ==  sqrt(a) * latents_j + sqrt(1 - a) * noise_i:
+    the noisy latent shows sample j's layout, while the target built from (latents_i, returned noise), epsilon or v,
+    still leads to sample i's own latent (its x0), the image its control and caption describe. Rows not chosen keep
+    their noise. A batch of one row has no other sample: nothing changes.
+    """
+    rows = torch.as_tensor(rows, device=latents.device).view(-1, *([1] * (latents.dim() - 1)))
+    alpha = alphas_cumprod.to(latents.device)[timesteps].float().view_as(rows)
+    shift = (alpha.sqrt() / (1 - alpha).sqrt()) * (latents.roll(1, dims=0) - latents)
+    return torch.where(rows, noise + shift, noise)
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -199,6 +227,8 @@ class LossWeights:
     diffusion_weighting: str = "uniform"  # timestep_weights's scheme
     diffusion_weight_max: float = 50.0
     diffusion_weight: float = 1.0  # multiplier of the denoising term in the sum
+    corrective_fraction: float = 0.0  # share of in-window samples noised from another image (corrective_noise)
+    corrective_window: tuple[int, int] = (500, 999)
 
     @classmethod
     def from_config(cls, loss_cfg) -> LossWeights:
@@ -210,6 +240,8 @@ class LossWeights:
             loss_cfg.diffusion_weighting,
             float(loss_cfg.diffusion_weight_max),
             float(loss_cfg.diffusion_weight),
+            float(loss_cfg.corrective_fraction),
+            tuple(loss_cfg.corrective_window),
         )
 
 

@@ -8,7 +8,8 @@
 The objective (DESIGN section 3), per micro-batch:
     loss = diffusion_mse + reward_weight * reward_loss[t in reward_window]
                          + alignment_weight * alignment_loss[t in alignment_window]
-(the published method; loss.diffusion_weight and loss.diffusion_weighting are options that weigh the first term).
+(the published method; loss.diffusion_weight and loss.diffusion_weighting are options that weigh the first term,
+and loss.corrective_fraction one that noises some samples from another image of the batch: losses.corrective_noise).
 Only the ControlNet is trained; UNet, VAE, text encoder, probe and condition model are frozen.
 Checkpoints go to <output_dir>/checkpoints/checkpoint-<step> (resume with logging.resume=latest); the final
 ControlNet and its EMA are written with save_pretrained to <output_dir>/controlnet and <output_dir>/controlnet_ema
@@ -47,7 +48,14 @@ from innercontrol.config import ConfigError, load_config, precision_dtype
 from innercontrol.controlled_unet import ControlledUNet, tapped_channels, tapped_modules
 from innercontrol.distributed import finish
 from innercontrol.families import PromptEmbeddings
-from innercontrol.losses import LossWeights, diffusion_target, innercontrol_objective, sample_timesteps
+from innercontrol.losses import (
+    LossWeights,
+    corrective_noise,
+    corrective_rows,
+    diffusion_target,
+    innercontrol_objective,
+    sample_timesteps,
+)
 from innercontrol.models import (
     LatentCache,
     TextEmbeddingCache,
@@ -308,6 +316,9 @@ def training_step(
     # Sampled on the host: the loss windows are chosen from this copy without reading the device back.
     host_timesteps = sample_timesteps(latents.shape[0], sd.scheduler.config.num_train_timesteps, timestep_sampling)
     timesteps = host_to_device(host_timesteps, device)
+    if weights.corrective_fraction > 0:
+        rows = corrective_rows(host_timesteps, weights.corrective_fraction, weights.corrective_window)
+        noise = corrective_noise(latents, noise, timesteps, sd.scheduler.alphas_cumprod, host_to_device(rows, device))
     noisy = sd.scheduler.add_noise(latents, noise, timesteps)
     output = model(noisy.to(weight_dtype), timesteps, text.to(weight_dtype), control.to(weight_dtype))
     target = diffusion_target(sd.scheduler, latents, noise, timesteps)

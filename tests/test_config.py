@@ -41,6 +41,7 @@ def test_yaml_override_anchor_values():
     assert hed.loss.timestep_sampling == depth.loss.timestep_sampling == "uniform"
     assert hed.loss.diffusion_weighting == depth.loss.diffusion_weighting == "uniform"  # and the plain MSE
     assert hed.loss.diffusion_weight == depth.loss.diffusion_weight == 1.0  # at full weight
+    assert hed.loss.corrective_fraction == depth.loss.corrective_fraction == 0.0  # every noisy latent from its image
 
 
 def test_cli_override_wins_over_yaml():
@@ -149,6 +150,8 @@ def test_reward_graph_chunk_must_be_positive():
             r"loss.diffusion_weight_max \(the largest weight on the epsilon MSE before normalisation\) must be >= 1",
         ),
         ("loss.diffusion_weight=-1", "loss.diffusion_weight must be >= 0"),
+        ("loss.corrective_fraction=1.5", r"loss.corrective_fraction .* must be in \[0, 1\]"),
+        ("loss.corrective_window=[600,400]", r"loss.corrective_window must be \[t_min, t_max\]"),
         ("model.pretrained_model=' '", "model.pretrained_model must be a non-empty string"),
     ],
 )

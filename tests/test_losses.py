@@ -7,6 +7,8 @@ from innercontrol.controlled_unet import ControlledUNet
 from innercontrol.losses import (
     LossWeights,
     alignment_loss,
+    corrective_noise,
+    corrective_rows,
     diffusion_loss,
     diffusion_target,
     in_window,
@@ -485,3 +487,54 @@ def test_row_indexer_slices_consecutive_rows_and_gathers_the_rest():
     assert row_indexer([2, 3], x.device) == slice(2, 4)
     gathered = row_indexer([0, 2, 4], x.device)
     assert isinstance(gathered, torch.Tensor) and x[gathered].tolist() == [0, 2, 4]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_corrective_noise_shows_another_image_and_keeps_the_target_on_its_own(prediction_type):
+    """loss.corrective_fraction: a chosen row's noisy latent is sqrt(a) * (the previous row's latent) + sqrt(1 - a) *
+    its noise, by hand; the target built from the returned noise (epsilon or v) predicts the row's own latent as x0;
+    rows not chosen keep their noise bit for bit, and a batch of one has no other image to show."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type
+    )
+    alphas = scheduler.alphas_cumprod
+    torch.manual_seed(0)
+    latents, noise = torch.randn(2, 4, 4, 8, 8).unbind(0)
+    t = torch.tensor([100, 600, 800, 999])
+    rows = torch.tensor([False, True, True, False])
+    shifted = corrective_noise(latents, noise, t, alphas, rows)
+    assert torch.equal(shifted[0], noise[0]) and torch.equal(shifted[3], noise[3])
+    noisy = scheduler.add_noise(latents, shifted, t)
+    for row, other in ((1, 0), (2, 1)):
+        a = alphas[t[row]]
+        by_hand = a.sqrt() * latents[other] + (1 - a).sqrt() * noise[row]
+        assert torch.allclose(noisy[row], by_hand, atol=1e-5)
+        assert not torch.allclose(noisy[row], scheduler.add_noise(latents, noise, t)[row], atol=1e-2)
+    target = diffusion_target(scheduler, latents, shifted, t)
+    x0 = predict_x0(noisy, target, t, alphas, prediction_type)
+    assert torch.allclose(x0, latents, atol=1e-4)
+    one = corrective_noise(latents[:1], noise[:1], t[1:2], alphas, torch.tensor([True]))
+    assert torch.equal(one, noise[:1])
+
+
+def test_corrective_rows_choose_in_window_samples_at_the_fraction_and_draw_nothing_at_zero():
+    t = torch.arange(1000).repeat(4)  # every t four times
+    state = torch.get_rng_state()
+    none = corrective_rows(t, 0.0, (500, 999))
+    assert not none.any() and torch.equal(torch.get_rng_state(), state)  # the published path draws nothing
+    every = corrective_rows(t, 1.0, (500, 999))
+    assert torch.equal(every, (t >= 500) & (t <= 999))
+    torch.manual_seed(0)
+    half = corrective_rows(t, 0.5, (300, 700))
+    assert not half[(t < 300) | (t > 700)].any()
+    inside = half[(t >= 300) & (t <= 700)].float().mean().item()
+    assert 0.45 < inside < 0.55  # 1604 in-window samples: 0.5 +- 0.025 is 2 standard deviations
+    assert LossWeights.from_config(load_published_loss()).corrective_fraction == 0.0
+
+
+def load_published_loss():
+    from innercontrol.config import load_config
+
+    return load_config().loss

@@ -132,6 +132,48 @@ def test_latent_cache_trains_the_same_controlnet_encoding_each_row_once(workspac
         assert all(torch.equal(every[key], cached[key]) for key in every), name
 
 
+def test_corrective_fraction_feeds_the_model_another_images_noisy_latent(workspace, monkeypatch):
+    """loss.corrective_fraction=1 over every t: the objective receives, for each row, the previous row's latent
+    noised with this row's noise, and a target whose x0 is the row's own latent; at the default 0 the step never
+    calls corrective_noise."""
+    from innercontrol import train
+    from innercontrol.losses import predict_x0
+
+    seen = {"noise": [], "objective": []}
+    real_noise, real_objective = train.corrective_noise, train.innercontrol_objective
+
+    def recorded_noise(latents, noise, timesteps, alphas_cumprod, rows):
+        seen["noise"].append((latents.clone(), noise.clone(), timesteps.clone(), rows.clone(), alphas_cumprod))
+        return real_noise(latents, noise, timesteps, alphas_cumprod, rows)
+
+    def recorded_objective(output, target, noisy, timesteps, *args, **kwargs):
+        seen["objective"].append((target.detach().clone(), noisy.detach().clone()))
+        return real_objective(output, target, noisy, timesteps, *args, **kwargs)
+
+    monkeypatch.setattr(train, "corrective_noise", recorded_noise)
+    monkeypatch.setattr(train, "innercontrol_objective", recorded_objective)
+    root = workspace["root"]
+    run_train(overrides(workspace, root / "published_noising", 1, "optim.gradient_accumulation=1"))
+    assert seen["noise"] == [] and len(seen["objective"]) == 1
+    seen["objective"].clear()
+    run_train(
+        overrides(
+            workspace,
+            root / "corrective",
+            1,
+            "optim.gradient_accumulation=1",
+            "loss.corrective_fraction=1.0",
+            "loss.corrective_window=[0,999]",
+        )
+    )
+    ((latents, noise, t, rows, alphas),) = seen["noise"]
+    ((target, noisy),) = seen["objective"]
+    assert rows.all() and latents.shape[0] == 2
+    a = alphas[t].view(-1, 1, 1, 1)
+    assert torch.allclose(noisy, a.sqrt() * latents.roll(1, 0) + (1 - a).sqrt() * noise, atol=1e-5)
+    assert torch.allclose(predict_x0(noisy, target, t, alphas), latents, atol=1e-4)  # the tiny UNet: epsilon
+
+
 def test_resume_trains_on_with_this_configs_lr(workspace, tmp_path):
     """A resume with another optim.lr or optim.ema_decay trains with them, not with the checkpoint's (which loading its
     state restores); a resume that would change the optimizer's groups (optim.zero_conv_lr_scale from 1) is refused by name
