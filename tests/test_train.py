@@ -390,6 +390,15 @@ def test_stop_request_saves_a_checkpoint_and_exits_with_its_own_code(workspace, 
     assert signal.getsignal(signal.SIGINT) is handler  # restored
 
 
+def test_corrective_fraction_without_a_second_image_in_the_batch_is_refused(workspace):
+    from innercontrol.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"loss.corrective_fraction > 0 .* optim.batch_size=1 .* has none"):
+        run_train(overrides(workspace, workspace["root"] / "corrective_b1", 1, "optim.batch_size=1",
+                            "loss.corrective_fraction=0.5"))  # fmt: skip
+    assert not (workspace["root"] / "corrective_b1").exists()
+
+
 def test_probe_that_does_not_fit_the_taps_is_refused(workspace):
     with pytest.raises(ValueError, match=r"expects tapped channels .* model.tap=conv on this UNet gives"):
         run_train(overrides(workspace, workspace["root"] / "wrongtap", 2, "model.tap=conv"))
