@@ -426,7 +426,13 @@ RANGES: dict[str, Range] = {
     "loss.diffusion_weight_max": at_least(1, "the largest weight on the epsilon MSE before normalisation"),
     "loss.diffusion_weight": at_least(0),
     "loss.corrective_fraction": within(0, 1, "the share of in-window samples noised from another image"),
-    "loss.corrective_window": TIMESTEP_WINDOW,
+    # Below t = 200 the target's shift, sqrt(a / (1 - a)) (z_j - z_i), passes 1.75x the latents' difference (34x at
+    # t = 0 on SD's schedule): the denoising term would be dominated by those samples.
+    "loss.corrective_window": Range(
+        lambda w: len(w) == 2 and 200 <= w[0] <= w[1] <= 999,
+        "[t_min, t_max] with 200 <= t_min <= t_max <= 999 (at low t the target would be mostly the other image's "
+        "difference)",
+    ),
     # probe
     "probe.path": optional(NOT_EMPTY),
     "probe.timestep_input": one_of(None, "t", "step_index"),

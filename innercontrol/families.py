@@ -74,9 +74,9 @@ class ModelFamily:
     # (tokenizer subfolder, text encoder subfolder, transformers class of the encoder), in the order the UNet's
     # encoder_hidden_states concatenates them.
     text_parts: tuple[tuple[str, str, str], ...]
-    # The diffusers pipeline classes that generate with the base model alone (NO_CONTROLNET, the floor), with a ControlNet
-    # (evaluation; validation grids during training) and with a T2I-Adapter, and the options the ControlNet pipeline
-    # is built with in validation beside the model parts.
+    # The diffusers pipeline classes that generate with the base model alone (NO_CONTROLNET, the floor), with a
+    # ControlNet (evaluation; validation grids during training) and with a T2I-Adapter, and the options the ControlNet
+    # pipeline is built with in validation beside the model parts.
     pipelines: dict[str, str]
     pipeline_options: dict = field(default_factory=dict)
     # A VAE that decodes in fp16 where the family's own overflows (None: the family's VAE is fine in fp16).

@@ -457,6 +457,12 @@ def train(cfg) -> Path:
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     check_vae_precision(cfg.model, cfg.optim.mixed_precision)  # before anything is written or removed
+    if cfg.loss.corrective_fraction > 0 and cfg.optim.batch_size < 2:
+        raise ConfigError(
+            "loss.corrective_fraction > 0 noises a sample from another image of its batch, and optim.batch_size=1 "
+            "(per process) has none: use optim.batch_size >= 2 (optim.gradient_accumulation keeps the global batch) "
+            "or loss.corrective_fraction=0"
+        )
     prepare_fresh_start(
         accelerator,
         [output_dir / name for name in RUN_OUTPUTS] + earlier_histories(output_dir),
@@ -471,12 +477,6 @@ def train(cfg) -> Path:
     set_seed(cfg.seed + accelerator.process_index)
     weight_dtype = precision_dtype(cfg.optim.mixed_precision)
     weights = LossWeights.from_config(cfg.loss)
-    if weights.corrective_fraction > 0 and cfg.optim.batch_size < 2:
-        raise ConfigError(
-            "loss.corrective_fraction > 0 noises a sample from another image of its batch, and optim.batch_size=1 "
-            "(per process) has none: use optim.batch_size >= 2 (optim.gradient_accumulation keeps the global batch) "
-            "or loss.corrective_fraction=0"
-        )
     needs_condition = weights.reward_weight > 0 or weights.alignment_weight > 0 or cfg.data.control_column is None
 
     sd = load_stable_diffusion(cfg.model)

@@ -152,6 +152,7 @@ def test_reward_graph_chunk_must_be_positive():
         ("loss.diffusion_weight=-1", "loss.diffusion_weight must be >= 0"),
         ("loss.corrective_fraction=1.5", r"loss.corrective_fraction .* must be in \[0, 1\]"),
         ("loss.corrective_window=[600,400]", r"loss.corrective_window must be \[t_min, t_max\]"),
+        ("loss.corrective_window=[0,999]", r"loss.corrective_window must be \[t_min, t_max\] with 200 <= t_min"),
         ("model.pretrained_model=' '", "model.pretrained_model must be a non-empty string"),
     ],
 )

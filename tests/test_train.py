@@ -133,7 +133,7 @@ def test_latent_cache_trains_the_same_controlnet_encoding_each_row_once(workspac
 
 
 def test_corrective_fraction_feeds_the_model_another_images_noisy_latent(workspace, monkeypatch):
-    """loss.corrective_fraction=1 over every t: the objective receives, for each row, the previous row's latent
+    """loss.corrective_fraction=1 over t in [200, 999]: the objective receives, for each row, the previous row's latent
     noised with this row's noise, and a target whose x0 is the row's own latent; at the default 0 the step never
     calls corrective_noise."""
     from innercontrol import train
@@ -163,14 +163,15 @@ def test_corrective_fraction_feeds_the_model_another_images_noisy_latent(workspa
             1,
             "optim.gradient_accumulation=1",
             "loss.corrective_fraction=1.0",
-            "loss.corrective_window=[0,999]",
+            "loss.corrective_window=[200,999]",
         )
     )
     ((latents, noise, t, rows, alphas),) = seen["noise"]
     ((target, noisy),) = seen["objective"]
-    assert rows.all() and latents.shape[0] == 2
+    assert torch.equal(rows, (t >= 200).to(rows.device)) and rows.any() and latents.shape[0] == 2
     a = alphas[t].view(-1, 1, 1, 1)
-    assert torch.allclose(noisy, a.sqrt() * latents.roll(1, 0) + (1 - a).sqrt() * noise, atol=1e-5)
+    shown = torch.where(rows.view(-1, 1, 1, 1), latents.roll(1, 0), latents)  # the other image where chosen
+    assert torch.allclose(noisy, a.sqrt() * shown + (1 - a).sqrt() * noise, atol=1e-5)
     assert torch.allclose(predict_x0(noisy, target, t, alphas), latents, atol=1e-4)  # the tiny UNet: epsilon
 
 
